@@ -1,0 +1,85 @@
+"""TensorFlow-only kernels. TensorFlow is imported lazily, inside the functions."""
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def native_grouped_gradient_available():
+    """Whether TensorFlow can differentiate its native grouped conv here.
+
+    The CPU kernels without oneDNN refuse grouped gradients ("Gradients for
+    grouped convolutions are not supported on CPU"); oneDNN and cuDNN have them.
+    """
+    import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled()) or bool(
+        tf.config.list_physical_devices("GPU")
+    )
+
+
+def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
+    """NHWC grouped convolution with TensorFlow's native kernel, no XLA."""
+    import tensorflow as tf
+
+    padding = padding.upper()
+    strides = list(strides)
+    dilations = list(dilation_rate)
+    kernel = tf.convert_to_tensor(kernel)
+    if native_grouped_gradient_available():
+        return tf.nn.conv2d(
+            inputs, kernel, strides, padding, dilations=dilations
+        )
+    return _grouped_conv2d_with_split_gradient(
+        inputs, kernel, strides, padding, dilations
+    )
+
+
+def _grouped_conv2d_with_split_gradient(x, kernel, strides, padding, dilations):
+    """Native grouped forward; backward as one ungrouped backprop per group.
+
+    Used where the native grouped backward is missing (CPU without oneDNN).
+    The gradient is plain graph code, not jit-compiled, so exports stay free of
+    `_XlaMustCompile`.
+    """
+    import tensorflow as tf
+
+    strides4 = [1, *strides, 1]
+    dilations4 = [1, *dilations, 1]
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        y = tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
+
+        def grad(dy):
+            groups = x.shape[-1] // kernel.shape[-2]
+            x_groups = tf.split(x, groups, axis=-1)
+            kernel_groups = tf.split(kernel, groups, axis=-1)
+            dy_groups = tf.split(dy, groups, axis=-1)
+            dx = [
+                tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=tf.shape(xg),
+                    filter=kg,
+                    out_backprop=dyg,
+                    strides=strides4,
+                    padding=padding,
+                    dilations=dilations4,
+                )
+                for xg, kg, dyg in zip(x_groups, kernel_groups, dy_groups)
+            ]
+            dkernel = [
+                tf.raw_ops.Conv2DBackpropFilter(
+                    input=xg,
+                    filter_sizes=tf.shape(kg),
+                    out_backprop=dyg,
+                    strides=strides4,
+                    padding=padding,
+                    dilations=dilations4,
+                )
+                for xg, kg, dyg in zip(x_groups, kernel_groups, dy_groups)
+            ]
+            return tf.concat(dx, axis=-1), tf.concat(dkernel, axis=-1)
+
+        return y, grad
+
+    return conv(x, kernel)

@@ -1,0 +1,118 @@
+"""The ResNeXt residual block and the paper's three equivalent forms (Fig. 3).
+
+Every form computes y = relu(shortcut(x) + BN(sum_i T_i(x))) (Eq. 3), with
+T_i = 1x1 -> 3x3 -> 1x1 of width d per path and C paths:
+
+- form "a": C separate paths whose 1x1 outputs are summed, BN after the sum
+  (footnote 6);
+- form "b": C paths of 1x1 -> 3x3, concatenated, then one 1x1;
+- form "c": one 1x1, a 3x3 with C groups, one 1x1 (what the paper trains).
+
+BN is per channel, so the per-path BNs of forms a and b are slices of form c's
+BNs: the forms are the same function in inference and in training mode.
+"""
+
+import keras
+from keras import layers
+
+from keras_resnext.layers import GroupConv2D
+
+BN_EPSILON = 1e-5
+# PyTorch's momentum 0.1 in Keras' convention. Keras' default 0.99 leaves the
+# moving statistics far behind the weights in short runs.
+BN_MOMENTUM = 0.9
+BOTTLENECK_EXPANSION = 4
+
+
+def conv_initializer():
+    # He et al. 2015 as in fb.resnet.torch and torchvision: N(0, 2 / fan_out).
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def batch_norm(name):
+    return layers.BatchNormalization(
+        axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
+    )
+
+
+def conv(x, filters, kernel_size, stride, name, groups=1):
+    """A bias-free conv with PyTorch's symmetric padding (explicit pad + valid)."""
+    if kernel_size > 1:
+        x = layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+    conv_class = GroupConv2D if groups > 1 else layers.Conv2D
+    return conv_class(
+        filters,
+        kernel_size,
+        strides=stride,
+        padding="valid",
+        groups=groups,
+        use_bias=False,
+        kernel_initializer=conv_initializer(),
+        name=f"{name}_conv",
+    )(x)
+
+
+def conv_bn(x, filters, kernel_size, stride, name, groups=1, relu=True):
+    x = conv(x, filters, kernel_size, stride, name, groups=groups)
+    x = batch_norm(f"{name}_bn")(x)
+    if relu:
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def aggregated_paths_form_a(x, cardinality, path_width, out_channels, stride, name):
+    paths = []
+    for i in range(1, cardinality + 1):
+        path = conv_bn(x, path_width, 1, 1, f"{name}_path{i}_1")
+        path = conv_bn(path, path_width, 3, stride, f"{name}_path{i}_2")
+        paths.append(conv(path, out_channels, 1, 1, f"{name}_path{i}_3"))
+    y = layers.Add(name=f"{name}_sum")(paths) if cardinality > 1 else paths[0]
+    return batch_norm(f"{name}_3_bn")(y)
+
+
+def aggregated_paths_form_b(x, cardinality, path_width, out_channels, stride, name):
+    paths = []
+    for i in range(1, cardinality + 1):
+        path = conv_bn(x, path_width, 1, 1, f"{name}_path{i}_1")
+        paths.append(conv_bn(path, path_width, 3, stride, f"{name}_path{i}_2"))
+    y = layers.Concatenate(name=f"{name}_concat")(paths) if cardinality > 1 else paths[0]
+    return conv_bn(y, out_channels, 1, 1, f"{name}_3", relu=False)
+
+
+def aggregated_paths_form_c(x, cardinality, path_width, out_channels, stride, name):
+    group_width = cardinality * path_width
+    y = conv_bn(x, group_width, 1, 1, f"{name}_1")
+    y = conv_bn(y, group_width, 3, stride, f"{name}_2", groups=cardinality)
+    return conv_bn(y, out_channels, 1, 1, f"{name}_3", relu=False)
+
+
+BLOCK_FORMS = {
+    "a": aggregated_paths_form_a,
+    "b": aggregated_paths_form_b,
+    "c": aggregated_paths_form_c,
+}
+
+
+def bottleneck(x, filters, cardinality, width, stride, block_form, name):
+    """One ResNeXt bottleneck block with `filters * 4` output channels.
+
+    The per-group width follows torchvision's `int(filters * width / 64)`, so a
+    C x d template gets C * d group-conv channels at conv2 and doubles with
+    each stage (§3.1, rule ii), and weights line up with torchvision and timm.
+    """
+    out_channels = filters * BOTTLENECK_EXPANSION
+    path_width = int(filters * width / 64)
+    if path_width < 1:
+        raise ValueError(
+            f"width={width} gives {filters} * {width} / 64 < 1 channel per group "
+            f"in {name}; use a larger width."
+        )
+    shortcut = x
+    if stride != 1 or x.shape[-1] != out_channels:
+        # Projection shortcut (type B) only where the shape changes.
+        shortcut = conv_bn(x, out_channels, 1, stride, f"{name}_0", relu=False)
+    y = BLOCK_FORMS[block_form](x, cardinality, path_width, out_channels, stride, name)
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.ReLU(name=f"{name}_out")(y)

@@ -1,0 +1,39 @@
+"""`GroupConv2D`: Keras' `Conv2D(groups=C)` without the XLA detour on TensorFlow.
+
+Keras 3 runs every grouped convolution on the TensorFlow backend inside a
+`tf.function(jit_compile=True)`. On CPU that is 3-25x slower than TensorFlow's
+own grouped kernel, and the `_XlaMustCompile` function it leaves in exported
+SavedModels is rejected by TF Serving's GPU builds (tensorflow/serving#2214).
+
+This layer keeps `Conv2D`'s arguments, weights and config, and on TensorFlow
+calls the native grouped kernel (cuDNN on GPU, oneDNN on CPU) directly. On
+JAX and torch it is plain `Conv2D`.
+"""
+
+import keras
+
+from keras_resnext import _tf_ops
+
+
+@keras.saving.register_keras_serializable(package="keras_resnext")
+class GroupConv2D(keras.layers.Conv2D):
+    """A `keras.layers.Conv2D` whose grouped case runs natively on TensorFlow.
+
+    Same constructor, weight layout `[kh, kw, in_channels / groups, filters]`
+    and `get_config()` as `Conv2D`.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if (
+            self.groups == 1
+            or keras.backend.backend() != "tensorflow"
+            or self.data_format != "channels_last"
+        ):
+            return super().convolution_op(inputs, kernel)
+        return _tf_ops.grouped_conv2d(
+            inputs,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+        )

@@ -1,0 +1,878 @@
+"""The paper's training recipe (§4) as one distributed custom training loop.
+
+One loop serves every `tf.distribute` strategy (default, one device,
+mirrored, multi-worker, TPU): `strategy.run` over a Keras model and optimizer
+inside a `tf.function`. Keras' own `model.fit` fails under
+MultiWorkerMirroredStrategy in Keras 3 (keras#20585, tensorflow#72388), and
+its BackupAndRestore has every worker write into one folder; the loop here
+checkpoints with `tf.train.CheckpointManager`, the chief into `model_dir`
+and the other workers into throwaway folders, so nothing races.
+
+TensorFlow only. `import keras_resnext` does not import this module.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+LR_SCHEDULES = ("step", "cosine")
+MIXED_PRECISION_POLICIES = {
+    "none": "float32",
+    "float16": "mixed_float16",
+    "bfloat16": "mixed_bfloat16",
+}
+
+CHECKPOINT_SUBDIR = "checkpoints"
+CSV_LOG_NAME = "training_log.csv"
+CSV_COLUMNS = ("epoch", "learning_rate", "loss", "top1", "val_loss", "val_top1",
+               "val_top5", "images_per_sec", "seconds")
+METRICS_NAME = "metrics.json"
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a path, the data); the CLIs print
+    its message as one line and exit non-zero."""
+
+
+class TrainingDiverged(UserError):
+    """The loss stopped being finite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A published training recipe. `learning_rate` is for a global batch of
+    `reference_batch_size` and scales linearly with the batch; the step
+    schedule divides it by 10 at each fraction of `epochs` in `decay_at`."""
+
+    batch_size: int
+    learning_rate: float
+    reference_batch_size: int
+    weight_decay: float
+    epochs: int
+    decay_at: tuple
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+RECIPES = {
+    # §4 and fb.resnet.torch: lr 0.1 per 256, /10 at epochs 30, 60, 90 of 100.
+    "imagenet": Recipe(batch_size=256, learning_rate=0.1, reference_batch_size=256,
+                       weight_decay=1e-4, epochs=100, decay_at=(0.3, 0.6, 0.9)),
+    # The official CIFAR recipe: batch 128, lr 0.1, wd 5e-4, 300 epochs,
+    # /10 at 50% and 75% of training.
+    "cifar": Recipe(batch_size=128, learning_rate=0.1, reference_batch_size=128,
+                    weight_decay=5e-4, epochs=300, decay_at=(0.5, 0.75)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs besides the model and the data.
+
+    `learning_rate` is the peak rate for this global `batch_size` (already
+    scaled; see `config_from_recipe`). `lr_decay_epochs` are the step
+    schedule's boundaries in epochs. `weight_decay` is coupled L2, added to
+    the gradient of every parameter (see `add_weight_decay`).
+    """
+
+    model_dir: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    momentum: float = 0.9
+    nesterov: bool = True
+    lr_schedule: str = "step"
+    lr_decay_epochs: tuple = ()
+    lr_decay_rate: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    mixed_precision: str = "none"
+    ema_decay: Optional[float] = None
+    steps_per_epoch: Optional[int] = None
+    steps_per_loop: int = 1
+    validation_freq: int = 1
+    seed: Optional[int] = None
+    max_checkpoints: int = 3
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"epochs must be at least 1; got {self.epochs}.")
+        _check(self.batch_size >= 1, f"batch_size must be at least 1; got {self.batch_size}.")
+        _check(self.learning_rate > 0, f"learning rate must be positive; got {self.learning_rate}.")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}.")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum}.")
+        _check(self.lr_schedule in LR_SCHEDULES,
+               f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}.")
+        _check(0 <= self.warmup_epochs < self.epochs,
+               f"warmup_epochs must be in [0, epochs={self.epochs}); got {self.warmup_epochs}.")
+        _check(0 <= self.label_smoothing < 1,
+               f"label_smoothing must be in [0, 1); got {self.label_smoothing}.")
+        _check(self.mixed_precision in MIXED_PRECISION_POLICIES,
+               f"mixed_precision must be one of {', '.join(MIXED_PRECISION_POLICIES)}; "
+               f"got {self.mixed_precision!r}.")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1,
+               f"ema_decay must be in (0, 1); got {self.ema_decay}.")
+        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+               f"steps_per_epoch must be at least 1; got {self.steps_per_epoch}.")
+        _check(self.steps_per_loop >= 1, f"steps_per_loop must be at least 1; got {self.steps_per_loop}.")
+        _check(self.validation_freq >= 0, f"validation_freq must be >= 0; got {self.validation_freq}.")
+
+
+def _check(condition, message):
+    if not condition:
+        raise UserError(message)
+
+
+def config_from_recipe(recipe, model_dir, **overrides):
+    """A `TrainConfig` following `recipe` (a `Recipe` or a `RECIPES` key).
+
+    `overrides` replace recipe values: `batch_size`, `epochs`,
+    `weight_decay`, `momentum`, `nesterov`, and `base_learning_rate` (the
+    rate for the recipe's reference batch), plus any other `TrainConfig`
+    field. The peak rate is `base_learning_rate * batch_size /
+    reference_batch_size` (linear scaling, Goyal et al.) and the step
+    boundaries sit at the recipe's fractions of `epochs`.
+    """
+    if isinstance(recipe, str):
+        recipe = RECIPES[recipe]
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    batch_size = overrides.pop("batch_size", recipe.batch_size)
+    epochs = overrides.pop("epochs", recipe.epochs)
+    base_learning_rate = overrides.pop("base_learning_rate", recipe.learning_rate)
+    fields = dict(
+        model_dir=model_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=base_learning_rate * batch_size / recipe.reference_batch_size,
+        weight_decay=recipe.weight_decay,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+        lr_decay_epochs=tuple(round(fraction * epochs) for fraction in recipe.decay_at),
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+# --------------------------------------------------------------------------
+# Strategies and workers
+
+
+def create_strategy(name, tpu_address=None):
+    """The `tf.distribute.Strategy` called `name` (one of `STRATEGIES`).
+
+    Create it before any other TensorFlow work: multi-worker and TPU
+    strategies configure the runtime.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+        return tf.distribute.OneDeviceStrategy(device)
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        _check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise UserError(f"Unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}.")
+
+
+def _check_tf_config():
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UserError(
+            "--strategy multi_worker reads the cluster from the TF_CONFIG environment "
+            "variable, which is not set (see the README's multi-host section)."
+        )
+    try:
+        tf_config = json.loads(raw)
+        tf_config["cluster"], tf_config["task"]["type"], tf_config["task"]["index"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            "TF_CONFIG must be JSON with 'cluster' and 'task': {'type', 'index'}; "
+            f"got {raw!r}."
+        ) from None
+
+
+def worker_info(strategy):
+    """(is_chief, task_id, num_workers) of this process in `strategy`'s cluster.
+
+    The chief is task 'chief', or worker 0 of a cluster without one.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True, 0, 1
+    cluster = resolver.cluster_spec().as_dict()
+    num_workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type is None:  # no TF_CONFIG: a one-worker cluster
+        return True, 0, 1
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
+                                        and "chief" not in cluster)
+    return is_chief, task_id or 0, max(num_workers, 1)
+
+
+def is_chief(strategy):
+    return worker_info(strategy)[0]
+
+
+# --------------------------------------------------------------------------
+# The recipe: learning rate, loss, weight decay, optimizer
+
+
+@keras.saving.register_keras_serializable(package="keras_resnext")
+class RecipeSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup, then the step schedule of §4 or a cosine decay.
+
+    Step: `peak * decay_rate ** (number of boundaries <= epoch)`, changing at
+    epoch starts as in the official Torch code (epoch counts from 0 here, so
+    ImageNet's 0.1 * 0.1^floor((epoch - 1) / 30) for 1-based epochs has
+    boundaries (30, 60, 90)). Cosine: `peak * (1 + cos(pi * t)) / 2` over the
+    epochs after warmup, per step. Warmup rises linearly per step from
+    `peak / warmup_steps` to `peak` (Goyal et al., for large batches).
+    """
+
+    def __init__(self, peak_learning_rate, steps_per_epoch, epochs, kind="step",
+                 decay_epochs=(), decay_rate=0.1, warmup_epochs=0.0):
+        self.peak_learning_rate = float(peak_learning_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.epochs = int(epochs)
+        self.kind = kind
+        self.decay_epochs = tuple(float(epoch) for epoch in decay_epochs)
+        self.decay_rate = float(decay_rate)
+        self.warmup_epochs = float(warmup_epochs)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        peak = tf.constant(self.peak_learning_rate, tf.float32)
+        warmup_steps = self.warmup_epochs * self.steps_per_epoch
+        if self.kind == "step":
+            epoch = tf.floor(step / self.steps_per_epoch)
+            passed = tf.add_n([tf.cast(epoch >= boundary, tf.float32)
+                               for boundary in self.decay_epochs] or [tf.constant(0.0)])
+            decayed = peak * tf.pow(self.decay_rate, passed)
+        else:
+            total_steps = float(self.epochs * self.steps_per_epoch)
+            progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1.0)
+            progress = tf.clip_by_value(progress, 0.0, 1.0)
+            decayed = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        if warmup_steps <= 0:
+            return decayed
+        warming = peak * (step + 1.0) / warmup_steps
+        return tf.where(step < warmup_steps, warming, decayed)
+
+    def get_config(self):
+        return dict(peak_learning_rate=self.peak_learning_rate,
+                    steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
+                    kind=self.kind, decay_epochs=list(self.decay_epochs),
+                    decay_rate=self.decay_rate, warmup_epochs=self.warmup_epochs)
+
+
+def build_optimizer(config, steps_per_epoch):
+    """SGD with (Nesterov) momentum on the recipe's schedule, no built-in
+    weight decay (the loop adds coupled L2), and dynamic loss scaling for
+    float16."""
+    schedule = RecipeSchedule(
+        config.learning_rate, steps_per_epoch, config.epochs, config.lr_schedule,
+        config.lr_decay_epochs, config.lr_decay_rate, config.warmup_epochs,
+    )
+    optimizer = keras.optimizers.SGD(
+        learning_rate=schedule, momentum=config.momentum, nesterov=config.nesterov
+    )
+    if config.mixed_precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def per_example_loss(labels, logits, num_classes, label_smoothing=0.0):
+    """Softmax cross-entropy per example, from logits, in float32."""
+    logits = tf.cast(logits, tf.float32)
+    if label_smoothing:
+        targets = tf.one_hot(labels, num_classes)
+        return keras.losses.categorical_crossentropy(
+            targets, logits, from_logits=True, label_smoothing=label_smoothing
+        )
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=logits
+    )
+
+
+def add_weight_decay(gradients, variables, weight_decay):
+    """Coupled L2: `gradient + weight_decay * variable` for every parameter.
+
+    This is the paper's weight decay: the official Torch code (optim.sgd's
+    `weightDecay`) adds it to the gradient of every parameter, BN's gamma
+    and beta and the classifier bias included, before momentum. Keras'
+    `SGD(weight_decay=...)` instead shrinks weights by `lr * wd` after the
+    momentum step (decoupled), a different optimiser at the same numbers.
+    """
+    return [
+        gradient + tf.cast(weight_decay, gradient.dtype) * tf.cast(variable, gradient.dtype)
+        for gradient, variable in zip(gradients, variables)
+    ]
+
+
+def ema_decay_at(ema_decay, num_updates):
+    """The EMA decay after `num_updates` steps: `min(decay, (1 + n) / (10 + n))`,
+    as tf.train.ExponentialMovingAverage, so early averages forget the
+    random initialisation quickly."""
+    num_updates = tf.cast(num_updates, tf.float32)
+    return tf.minimum(ema_decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+# --------------------------------------------------------------------------
+# Steps
+
+
+def make_train_loop(model, optimizer, strategy, config, ema_weights=None):
+    """A `tf.function(iterator, num_steps)` that runs `num_steps` training
+    steps on `strategy` and returns the float32 sums
+    `[loss, correct top-1, examples]` over them.
+
+    Each replica's loss is its examples' summed cross-entropy over the
+    global batch, so the replicas' gradients sum to the global mean; the
+    optimizer all-reduces (sums) them. Coupled L2 is added per replica as
+    `weight_decay / num_replicas * variable`, so that sum adds exactly
+    `weight_decay * variable`.
+    """
+    num_replicas = strategy.num_replicas_in_sync
+    num_classes = model.output_shape[-1]
+    variables = model.trainable_variables
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    model_weights = model.weights
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            losses = per_example_loss(labels, logits, num_classes, config.label_smoothing)
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
+            scaled_loss = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, variables)
+        # scale_loss(x) is x times the current loss scale (x itself without
+        # loss scaling), so the decay stays in step with the scaled gradient.
+        gradients = add_weight_decay(
+            gradients, variables, optimizer.scale_loss(config.weight_decay / num_replicas)
+        )
+        if loss_scaled and num_replicas > 1:
+            gradients = _skip_everywhere_if_any_nonfinite(gradients)
+        optimizer.apply(gradients, variables)
+        if ema_weights is not None:
+            decay = ema_decay_at(config.ema_decay, optimizer.iterations)
+            for average, weight in zip(ema_weights, model_weights):
+                value = tf.cast(weight.value, average.dtype)
+                average.assign(decay * average + (1.0 - decay) * value)
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
+                     tf.cast(labels, tf.int32)), tf.float32))
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        return tf.stack([tf.reduce_sum(losses), correct, count])
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+        sums = tf.zeros([3], tf.float32)
+        for _ in tf.range(num_steps):
+            per_replica = strategy.run(replica_step, args=next(iterator))
+            sums += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return sums
+
+    return train_loop
+
+
+def _skip_everywhere_if_any_nonfinite(gradients):
+    # Keras' LossScaleOptimizer checks each replica's own gradients before
+    # they are all-reduced; replicas that disagree would branch differently
+    # around the all-reduce and hang. Poisoning every replica's gradients
+    # when any is non-finite makes all of them skip the step together.
+    context = tf.distribute.get_replica_context()
+    finite = tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients]),
+                     tf.float32)
+    finite_everywhere = context.all_reduce(tf.distribute.ReduceOp.MIN, finite)
+    poison = tf.where(finite_everywhere > 0, 0.0, float("nan"))
+    return [g + tf.cast(poison, g.dtype) for g in gradients]
+
+
+def make_eval_step(model, strategy):
+    """A `tf.function(batch)` returning the float32 sums
+    `[cross-entropy, top-1 correct, top-5 correct, examples]` of a
+    distributed batch (a replica's batch may be empty at the end)."""
+    num_classes = model.output_shape[-1]
+    top_k = min(5, num_classes)
+
+    def replica_step(images, labels):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        labels = tf.cast(labels, tf.int32)
+        losses = per_example_loss(labels, logits, num_classes)
+        best = tf.math.top_k(logits, k=top_k).indices
+        hits = tf.cast(tf.equal(best, labels[:, None]), tf.float32)
+        return tf.stack([
+            tf.reduce_sum(losses),
+            tf.reduce_sum(hits[:, 0]),
+            tf.reduce_sum(hits),
+            tf.cast(tf.shape(labels)[0], tf.float32),
+        ])
+
+    @tf.function
+    def eval_step(batch):
+        per_replica = strategy.run(replica_step, args=batch)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return eval_step
+
+
+def evaluate(eval_step, distributed_dataset):
+    """Top-1, top-5, mean loss and the number of examples over one pass."""
+    totals = np.zeros(4, dtype=np.float64)
+    for batch in distributed_dataset:
+        totals += eval_step(batch).numpy()
+    loss_sum, top1, top5, count = totals
+    if count == 0:
+        raise UserError("The validation split yielded no examples.")
+    return dict(loss=loss_sum / count, top1=top1 / count, top5=top5 / count,
+                num_examples=int(count))
+
+
+def make_average_local_state(strategy, variables):
+    """A function that sets `variables` on every replica to their mean
+    across replicas.
+
+    BN moving statistics (and their EMA) are updated by each replica from
+    its own batch, so replicas drift apart; averaging them at each epoch end
+    (as timm's distribute_bn) makes checkpoints, evaluation and the export
+    agree on every worker.
+    """
+    if strategy.num_replicas_in_sync == 1 or not variables:
+        return lambda: None
+
+    def replica_fn():
+        context = tf.distribute.get_replica_context()
+        values = [tf.identity(_tf_variable(v)) for v in variables]
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+        for variable, mean in zip(variables, means):
+            _tf_variable(variable).assign(mean)
+
+    @tf.function
+    def average():
+        strategy.run(replica_fn)
+
+    return average
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _copy_per_device(strategy, targets, sources):
+    """`target.assign(source)` on every device's copy, in cross-replica context."""
+    def assign(target, source):
+        return target.assign(tf.cast(source, target.dtype))
+
+    for target, source in zip(targets, sources):
+        strategy.extended.update(_tf_variable(target), assign, args=(_tf_variable(source),))
+
+
+# --------------------------------------------------------------------------
+# State on disk
+
+
+def _write_atomically(path, text):
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def write_metrics(model_dir, metrics):
+    _write_atomically(os.path.join(model_dir, METRICS_NAME),
+                      json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def _truncate_csv_log(path, completed_epochs):
+    """Keep the rows of the epochs a checkpoint holds; a row written just
+    before a crash, for an epoch that will be trained again, goes."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= completed_epochs]
+    buffer = [",".join(CSV_COLUMNS)]
+    for row in rows:
+        buffer.append(",".join(row.get(column, "") for column in CSV_COLUMNS))
+    _write_atomically(path, "\n".join(buffer) + "\n")
+
+
+def _append_csv_row(path, row):
+    new_file = not os.path.exists(path)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        writer.writerow({column: _format_csv_value(row.get(column)) for column in CSV_COLUMNS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _format_csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class _Checkpoints:
+    """Checkpoint saving and restoring for chief and non-chief workers.
+
+    The chief keeps `max_to_keep` checkpoints in `model_dir/checkpoints`,
+    numbered by completed epochs. Other workers must take part in each save
+    (saving may need collectives), so they write into their own temporary
+    folder and delete it. Every worker restores from the chief's folder,
+    which therefore must be shared storage in a multi-host run.
+    """
+
+    def __init__(self, checkpoint, model_dir, chief, task_id, max_to_keep):
+        self.directory = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+        self.chief = chief
+        write_directory = self.directory if chief else os.path.join(
+            self.directory, f".worker{task_id}-tmp")
+        self.manager = tf.train.CheckpointManager(
+            checkpoint, write_directory, max_to_keep=max_to_keep if chief else 1
+        )
+        self.checkpoint = checkpoint
+        self.write_directory = write_directory
+
+    def restore_latest(self):
+        latest = tf.train.latest_checkpoint(self.directory)
+        if latest is None:
+            return None
+        status = self.checkpoint.restore(latest)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as error:
+            raise UserError(
+                f"The checkpoint {latest} does not match this model and optimizer "
+                f"(another architecture or recipe?); use a new --model_dir. ({_first_line(error)})"
+            ) from None
+        return latest
+
+    def save(self, epoch):
+        path = self.manager.save(checkpoint_number=epoch)
+        if not self.chief:
+            shutil.rmtree(self.write_directory, ignore_errors=True)
+        return path
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+# --------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a dataset: `dataset_fn(per_replica_batch_size,
+    input_context)` returns one pass of `(images, labels)` batches for that
+    worker (input_context may be None), and the split has `num_examples`."""
+
+    dataset_fn: Callable
+    num_examples: int
+
+
+@dataclasses.dataclass
+class TrainResult:
+    metrics: dict
+    model: keras.Model
+
+
+def _set_dtype_policy(name):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    return previous
+
+
+def _distribute(strategy, split, batch_size, repeat):
+    num_replicas = strategy.num_replicas_in_sync
+    if batch_size % num_replicas:
+        raise UserError(
+            f"The global batch size {batch_size} does not split evenly over "
+            f"{num_replicas} replicas; choose a multiple of {num_replicas}."
+        )
+
+    def dataset_fn(input_context):
+        per_replica = input_context.get_per_replica_batch_size(batch_size)
+        dataset = split.dataset_fn(per_replica, input_context)
+        return dataset.repeat() if repeat else dataset
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _check_workers_agree(strategy, value, what):
+    """Raise unless every worker holds the same integer `value`."""
+    if strategy.num_replicas_in_sync == 1:
+        return
+
+    def replica_fn():
+        context = tf.distribute.get_replica_context()
+        local = tf.constant(float(value))
+        return tf.stack([context.all_reduce("MIN", local), context.all_reduce("MAX", local)])
+
+    low, high = strategy.experimental_local_results(strategy.run(replica_fn))[0].numpy()
+    if low != high:
+        raise UserError(
+            f"Workers disagree on {what} ({int(low)} vs {int(high)}): --model_dir must be "
+            "storage that every worker reads and the chief writes."
+        )
+
+
+def train(model_fn, train_split, val_split, config, strategy=None, log=None):
+    """Train the model that `model_fn()` builds, resuming from `config.model_dir`.
+
+    `model_fn` runs inside the strategy's scope under the mixed-precision
+    policy; it should return a model with a logits head
+    (`classifier_activation=None`) and may load initial weights. The run
+    resumes after the last completed epoch checkpointed in
+    `model_dir/checkpoints`; it writes TensorBoard logs to `model_dir/logs`,
+    one CSV row per epoch to `model_dir/training_log.csv` and, at the end,
+    `model_dir/metrics.json` (chief only). Returns a `TrainResult` whose
+    model holds the final weights (the EMA if `config.ema_decay`).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    log = log or _print
+    chief, task_id, num_workers = worker_info(strategy)
+    say = log if chief else (lambda *args, **kwargs: None)
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+
+    steps_per_epoch = config.steps_per_epoch or train_split.num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(
+            f"The training split has {train_split.num_examples} examples, fewer than one "
+            f"global batch of {config.batch_size}; lower --batch_size."
+        )
+    os.makedirs(config.model_dir, exist_ok=True)
+
+    previous_policy = _set_dtype_policy(MIXED_PRECISION_POLICIES[config.mixed_precision])
+    try:
+        with strategy.scope():
+            model = model_fn()
+            optimizer = build_optimizer(config, steps_per_epoch)
+            optimizer.build(model.trainable_variables)
+            ema_weights = _create_ema_weights(model, strategy) if config.ema_decay else None
+            completed_epochs = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                           name="completed_epochs")
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    state = dict(model=model, optimizer=optimizer, completed_epochs=completed_epochs)
+    if ema_weights is not None:
+        state["ema"] = ema_weights
+    checkpoints = _Checkpoints(tf.train.Checkpoint(**state), config.model_dir, chief,
+                               task_id, config.max_checkpoints)
+    restored = checkpoints.restore_latest()
+    start_epoch = int(completed_epochs.numpy())
+    _check_workers_agree(strategy, start_epoch, "the last completed epoch")
+    if restored:
+        say(f"Restored {restored}: {start_epoch} of {config.epochs} epochs done, "
+            f"optimizer step {int(optimizer.iterations.numpy())}.")
+
+    csv_path = os.path.join(config.model_dir, CSV_LOG_NAME)
+    writers = None
+    if chief:
+        _truncate_csv_log(csv_path, start_epoch)
+        writers = {name: tf.summary.create_file_writer(os.path.join(config.model_dir, "logs", name))
+                   for name in ("train", "validation")}
+
+    train_loop = make_train_loop(model, optimizer, strategy, config, ema_weights)
+    eval_step = make_eval_step(model, strategy)
+    local_state = list(model.non_trainable_weights)
+    if ema_weights is not None:
+        trainable = {id(w) for w in model.trainable_weights}
+        local_state += [e for e, w in zip(ema_weights, model.weights) if id(w) not in trainable]
+    average_local_state = make_average_local_state(strategy, local_state)
+    train_data = _distribute(strategy, train_split, config.batch_size, repeat=True)
+    val_data = _distribute(strategy, val_split, config.batch_size, repeat=False)
+    iterator = iter(train_data) if start_epoch < config.epochs else None
+
+    ema = _EmaSwap(strategy, model, ema_weights)
+    throughput = _Throughput()
+    last_train, final = {}, None
+    for epoch in range(start_epoch, config.epochs):
+        log(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+        learning_rate = float(optimizer.learning_rate.numpy())
+        started = time.perf_counter()
+        last_train = _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch,
+                                  chief, checkpoints.directory, throughput)
+        seconds = time.perf_counter() - started
+        average_local_state()
+        row = dict(epoch=epoch + 1, learning_rate=learning_rate, loss=last_train["loss"],
+                   top1=last_train["top1"], seconds=seconds,
+                   images_per_sec=steps_per_epoch * config.batch_size / seconds)
+        last_epoch = epoch + 1 == config.epochs
+        if last_epoch or (config.validation_freq and (epoch + 1) % config.validation_freq == 0):
+            with ema:
+                val = evaluate(eval_step, val_data)
+            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+            say(f"val_loss: {val['loss']:.4f} - val_top1: {val['top1']:.4f} - "
+                f"val_top5: {val['top5']:.4f}", flush=True)
+            final = val if last_epoch else None
+        if chief:
+            _append_csv_row(csv_path, row)
+            _write_summaries(writers, row, epoch + 1)
+        completed_epochs.assign(epoch + 1)
+        checkpoints.save(epoch + 1)
+
+    # The final evaluation and the returned model use the EMA weights.
+    ema.swap_in()
+    if final is None:
+        final = evaluate(eval_step, val_data)
+    say(f"Final evaluation on {final['num_examples']} examples: top1 {final['top1']:.4f} "
+        f"- top5 {final['top5']:.4f} - loss {final['loss']:.4f}", flush=True)
+    metrics = dict(
+        epochs_completed=int(completed_epochs.numpy()),
+        top1=final["top1"], top5=final["top5"], loss=final["loss"],
+        eval_examples=final["num_examples"],
+        images_per_sec=throughput.images_per_sec(),
+        num_workers=num_workers, num_replicas=strategy.num_replicas_in_sync,
+        global_batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
+        train_loss=last_train.get("loss"), train_top1=last_train.get("top1"),
+        weights="ema" if ema_weights is not None else "trained",
+    )
+    if chief:
+        if writers:
+            for writer in writers.values():
+                writer.close()
+        write_metrics(config.model_dir, metrics)
+    return TrainResult(metrics=metrics, model=model)
+
+
+def _print(*args, **kwargs):
+    print(*args, **kwargs)
+
+
+def _create_ema_weights(model, strategy):
+    ema_weights = [
+        tf.Variable(tf.zeros(w.shape, "float32"), trainable=False,
+                    name=f"ema/{w.path.replace('/', '_')}")
+        for w in model.weights
+    ]
+    _copy_per_device(strategy, ema_weights, model.weights)
+    return ema_weights
+
+
+class _EmaSwap:
+    """Within `with`, the model holds the EMA weights; on exit, its own."""
+
+    def __init__(self, strategy, model, ema_weights):
+        self.strategy = strategy
+        self.model = model
+        self.ema_weights = ema_weights
+        self.saved = None
+
+    def swap_in(self):
+        if self.ema_weights is None:
+            return
+        if self.saved is None:
+            with self.strategy.scope():
+                self.saved = [tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False)
+                              for w in self.model.weights]
+        _copy_per_device(self.strategy, self.saved, self.model.weights)
+        _copy_per_device(self.strategy, self.model.weights, self.ema_weights)
+
+    def swap_out(self):
+        if self.ema_weights is not None:
+            _copy_per_device(self.strategy, self.model.weights, self.saved)
+
+    def __enter__(self):
+        self.swap_in()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.swap_out()
+        return False
+
+
+class _Throughput:
+    """Training images per second over this process's steps, leaving out
+    the first call of the loop (which traces and compiles it)."""
+
+    def __init__(self):
+        self.images = 0
+        self.seconds = 0.0
+        self.first = None
+
+    def add(self, images, seconds):
+        if self.first is None:
+            self.first = (images, seconds)
+            return
+        self.images += images
+        self.seconds += seconds
+
+    def images_per_sec(self):
+        if self.seconds > 0:
+            return self.images / self.seconds
+        if self.first and self.first[1] > 0:
+            return self.first[0] / self.first[1]
+        return 0.0
+
+
+def _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch, chief,
+                 checkpoint_dir, throughput):
+    verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
+    progbar = keras.utils.Progbar(steps_per_epoch, verbose=verbose,
+                                  stateful_metrics=["loss", "top1"])
+    totals = np.zeros(3, dtype=np.float64)
+    step = 0
+    while step < steps_per_epoch:
+        num_steps = min(config.steps_per_loop, steps_per_epoch - step)
+        started = time.perf_counter()
+        sums = train_loop(iterator, tf.constant(num_steps)).numpy()
+        throughput.add(num_steps * config.batch_size, time.perf_counter() - started)
+        totals += sums
+        step += num_steps
+        if not np.isfinite(sums[0]):
+            raise TrainingDiverged(
+                f"Training stopped: the loss is {sums[0]} at epoch {epoch + 1}, step {step}. "
+                f"The last good checkpoint is in {checkpoint_dir}; lower --lr or add "
+                "--warmup_epochs."
+            )
+        progbar.update(step, [("loss", totals[0] / totals[2]), ("top1", totals[1] / totals[2])])
+    return dict(loss=totals[0] / totals[2], top1=totals[1] / totals[2])
+
+
+def _write_summaries(writers, row, epoch):
+    with writers["train"].as_default(step=epoch):
+        tf.summary.scalar("epoch_loss", row["loss"])
+        tf.summary.scalar("epoch_top1", row["top1"])
+        tf.summary.scalar("learning_rate", row["learning_rate"])
+        tf.summary.scalar("images_per_sec", row["images_per_sec"])
+    writers["train"].flush()
+    if "val_top1" in row:
+        with writers["validation"].as_default(step=epoch):
+            tf.summary.scalar("epoch_loss", row["val_loss"])
+            tf.summary.scalar("epoch_top1", row["val_top1"])
+            tf.summary.scalar("epoch_top5", row["val_top5"])
+        writers["validation"].flush()
+
+
+def evaluate_model(model, val_split, batch_size, strategy=None):
+    """Top-1/top-5 of `model` (logits or probabilities) on one pass of
+    `val_split`, across `strategy`'s replicas. Build the model in the
+    strategy's scope."""
+    strategy = strategy or tf.distribute.get_strategy()
+    eval_step = make_eval_step(model, strategy)
+    return evaluate(eval_step, _distribute(strategy, val_split, batch_size, repeat=False))

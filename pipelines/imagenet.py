@@ -1,0 +1,194 @@
+"""ImageNet-style views of one encoded image (§4 of the paper).
+
+Training: a random crop of 8%-100% of the area with aspect ratio 3/4-4/3
+(Szegedy et al., as in fb.resnet.torch), resized to `image_size` and flipped,
+with fb.resnet.torch's colour jitter and PCA lighting on request. Only the
+crop of a JPEG is decoded. Evaluation is `keras_resnext`'s single centre crop,
+re-exported here so datasets and serving share one definition.
+
+Random ops are stateless: each call takes a `seed` ([2] integers), so a
+pipeline that hands out seeds deterministically is reproducible.
+"""
+
+import tensorflow as tf
+
+from keras_resnext.preprocessing import (
+    decode_image,
+    preprocess_for_eval,
+    preprocess_input,
+)
+
+__all__ = [
+    "AREA_RANGE",
+    "ASPECT_RATIO_RANGE",
+    "preprocess_for_eval",
+    "preprocess_for_train",
+    "sample_crop_window",
+]
+
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+MAX_CROP_ATTEMPTS = 10
+
+# fb.resnet.torch's ImageNet augmentation strengths (datasets/imagenet.lua):
+# brightness, contrast and saturation each by up to 40%, and AlexNet-style PCA
+# lighting with standard deviation 0.1 along the RGB eigenvectors of ImageNet.
+COLOR_JITTER_STRENGTH = 0.4
+LIGHTING_STD = 0.1
+LIGHTING_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+LIGHTING_EIGENVECTORS = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def sample_crop_window(image_height_width, seed, area_range=AREA_RANGE,
+                       aspect_ratio_range=ASPECT_RATIO_RANGE,
+                       max_attempts=MAX_CROP_ATTEMPTS):
+    """A random crop window `[top, left, height, width]` (int32) of an image.
+
+    The crop covers `area_range` of the image with width/height in
+    `aspect_ratio_range`. If `max_attempts` samples all fail, the centre crop
+    with the aspect ratio clamped into range is used (the whole image when its
+    own aspect ratio is in range), as torchvision's RandomResizedCrop does.
+    """
+    height_width = tf.cast(image_height_width[:2], tf.int32)
+    image_shape = tf.concat([height_width, [3]], axis=0)
+    whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape, whole_image, seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=aspect_ratio_range, area_range=area_range,
+        max_attempts=max_attempts, use_image_if_no_bounding_boxes=True,
+    )
+    sampled = tf.concat([begin[:2], size[:2]], axis=0)
+    # The sampler returns the whole image when every attempt failed.
+    failed = tf.reduce_all(tf.equal(size[:2], height_width))
+    return tf.cond(
+        failed,
+        lambda: _center_window_in_aspect_range(height_width, aspect_ratio_range),
+        lambda: sampled,
+    )
+
+
+def _center_window_in_aspect_range(height_width, aspect_ratio_range):
+    height = tf.cast(height_width[0], tf.float32)
+    width = tf.cast(height_width[1], tf.float32)
+    min_ratio, max_ratio = aspect_ratio_range
+    ratio = width / height
+    crop_height = tf.where(ratio < min_ratio, tf.round(width / min_ratio), height)
+    crop_width = tf.where(ratio > max_ratio, tf.round(height * max_ratio), width)
+    crop_height = tf.cast(tf.minimum(crop_height, height), tf.int32)
+    crop_width = tf.cast(tf.minimum(crop_width, width), tf.int32)
+    top = (height_width[0] - crop_height) // 2
+    left = (height_width[1] - crop_width) // 2
+    return tf.stack([top, left, crop_height, crop_width])
+
+
+def decode_random_crop(image_bytes, seed, area_range=AREA_RANGE,
+                       aspect_ratio_range=ASPECT_RATIO_RANGE):
+    """Decode only a random crop (see `sample_crop_window`): uint8 RGB.
+
+    JPEGs are decoded inside the window (`decode_and_crop_jpeg`), which is most
+    of the speed of the training pipeline; PNG and other formats are decoded
+    whole and then cropped. The format comes from the bytes, not the name.
+    """
+
+    def jpeg_crop():
+        window = sample_crop_window(
+            tf.image.extract_jpeg_shape(image_bytes)[:2], seed, area_range,
+            aspect_ratio_range,
+        )
+        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+    def other_format_crop():
+        image = decode_image(image_bytes)
+        top, left, height, width = tf.unstack(sample_crop_window(
+            tf.shape(image)[:2], seed, area_range, aspect_ratio_range,
+        ))
+        return image[top:top + height, left:left + width]
+
+    return tf.cond(tf.io.is_jpeg(image_bytes), jpeg_crop, other_format_crop)
+
+
+def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
+                         color_jitter=False, pca_lighting=False):
+    """The paper's training view of one encoded image: float32 [size, size, 3].
+
+    Random-area/aspect crop, resized (antialiased bilinear) to `image_size`,
+    random horizontal flip, optionally fb.resnet.torch's colour jitter and PCA
+    lighting, then `keras_resnext.preprocess_input`. `seed` is a [2] integer
+    tensor for the stateless random ops; None draws one.
+    """
+    if seed is None:
+        seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
+    crop_seed, flip_seed, jitter_seed, lighting_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=4)
+    )
+    image = decode_random_crop(image_bytes, crop_seed)
+    image = tf.image.resize(
+        image, [image_size, image_size], method="bilinear", antialias=True
+    )
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if color_jitter:
+        image = random_color_jitter(image, jitter_seed)
+    if pca_lighting:
+        image = random_pca_lighting(image, lighting_seed)
+    image = tf.ensure_shape(image, [image_size, image_size, 3])
+    return preprocess_input(image)
+
+
+def random_color_jitter(image, seed, strength=COLOR_JITTER_STRENGTH):
+    """fb.resnet.torch's ColorJitter on float RGB in [0, 255].
+
+    Brightness, contrast and saturation, each blending the image with a
+    reference by a factor in [1 - strength, 1 + strength], in a random order.
+    Like the original, nothing is clipped.
+    """
+    order_seed, *factor_seeds = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=4)
+    )
+    factors = [
+        tf.random.stateless_uniform([], s, 1.0 - strength, 1.0 + strength)
+        for s in factor_seeds
+    ]
+
+    def brightness(x):
+        return x * factors[0]
+
+    def contrast(x):
+        mean_gray = tf.reduce_mean(_grayscale(x))
+        return mean_gray + factors[1] * (x - mean_gray)
+
+    def saturation(x):
+        gray = _grayscale(x)[..., None]
+        return gray + factors[2] * (x - gray)
+
+    orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    transforms = (brightness, contrast, saturation)
+
+    def apply_in_order(order):
+        def apply():
+            x = image
+            for index in order:
+                x = transforms[index](x)
+            return x
+        return apply
+
+    which = tf.random.stateless_uniform([], order_seed, 0, len(orders), tf.int32)
+    return tf.switch_case(which, [apply_in_order(order) for order in orders])
+
+
+def random_pca_lighting(image, seed, std=LIGHTING_STD):
+    """AlexNet/fb.resnet.torch PCA lighting on float RGB in [0, 255]."""
+    alpha = tf.random.stateless_normal([3], seed, stddev=std)
+    eigenvalues = tf.constant(LIGHTING_EIGENVALUES)
+    eigenvectors = tf.constant(LIGHTING_EIGENVECTORS)
+    rgb_shift = tf.linalg.matvec(eigenvectors, alpha * eigenvalues)
+    # The eigen-decomposition is of RGB in [0, 1].
+    return image + 255.0 * rgb_shift
+
+
+def _grayscale(image):
+    return tf.tensordot(image, tf.constant(GRAYSCALE_WEIGHTS), axes=1)

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Import the package before anything imports TensorFlow, as users are told to,
+# so the in-process tests run with the oneDNN kernels the package arranges.
+import keras_resnext  # noqa: E402,F401
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code, env=None, timeout=600):
+    """Run `code` in a fresh interpreter; return the CompletedProcess.
+
+    `env` adds variables to this process's environment; a None value removes one.
+    """
+    full_env = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)  # None removes an inherited variable
+        else:
+            full_env[key] = value
+    full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+        timeout=timeout, cwd=REPO_ROOT,
+    )
+
+
+@pytest.fixture
+def python_subprocess():
+    return run_python

@@ -1,0 +1,75 @@
+"""Pure Keras 3: the same model on JAX (and torch where installed), and no TF needed."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import keras_resnext as kr
+
+BLOCK_TF_IMPORT = (
+    "import sys\n"
+    "class _NoTensorFlow:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'tensorflow' or name.startswith('tensorflow.'):\n"
+    "            raise ImportError('tensorflow is blocked in this test')\n"
+    "sys.meta_path.insert(0, _NoTensorFlow())\n"
+)
+
+RUN_SAVED_WEIGHTS = r"""
+import numpy as np, keras, keras_resnext as kr
+assert keras.backend.backend() == {backend!r}
+model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3),
+                     block_form={form!r}, weights={weights!r})
+x = np.load({inputs!r})
+np.save({outputs!r}, keras.ops.convert_to_numpy(model.predict_on_batch(x)))
+print("tensorflow loaded:", "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None)
+"""
+
+
+def reference_run(tmp_path):
+    model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3))
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype("float32")
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, np.array([0, 1, 2]))  # moving statistics away from 0/1
+    weights = str(tmp_path / "m.weights.h5")
+    model.save_weights(weights)
+    inputs = str(tmp_path / "x.npy")
+    np.save(inputs, x)
+    return weights, inputs, model.predict_on_batch(x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backend_matches_tensorflow(python_subprocess, tmp_path, backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (CI tests TensorFlow and JAX)")
+    weights, inputs, expected = reference_run(tmp_path)
+    outputs = str(tmp_path / "y.npy")
+    code = "import sys\n" + RUN_SAVED_WEIGHTS.format(
+        backend=backend, form="c", weights=weights, inputs=inputs, outputs=outputs)
+    result = python_subprocess(code, env={"KERAS_BACKEND": backend})
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(outputs), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_imports_and_runs_without_tensorflow(python_subprocess, tmp_path):
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    weights, inputs, expected = reference_run(tmp_path)
+    outputs = str(tmp_path / "y.npy")
+    code = BLOCK_TF_IMPORT + RUN_SAVED_WEIGHTS.format(
+        backend="jax", form="c", weights=weights, inputs=inputs, outputs=outputs)
+    code += (
+        "try:\n    import tensorflow\nexcept ImportError:\n    print('blocked ok')\n"
+        "a = kr.reformulate(model, 'a')\n"
+        "print('flops', kr.count_flops(a))\n"
+        "print(kr.decode_predictions(np.ones((1, 1000)), top=1)[0][0][1])\n"
+    )
+    result = python_subprocess(code, env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensorflow loaded: False" in result.stdout
+    assert "blocked ok" in result.stdout
+    assert "flops" in result.stdout
+    np.testing.assert_allclose(np.load(outputs), expected, rtol=1e-4, atol=1e-5)
