@@ -83,3 +83,38 @@ def _grouped_conv2d_with_split_gradient(x, kernel, strides, padding, dilations):
         return y, grad
 
     return conv(x, kernel)
+
+
+def fused_batch_norm(layer, inputs, training):
+    """NHWC batch norm of a Keras BN layer with `FusedBatchNormV3`."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(inputs)
+    if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
+        x = tf.cast(x, tf.float32)
+    channels = x.shape[-1]
+    scale = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([channels])
+    offset = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([channels])
+    if training:
+        empty = tf.constant([], tf.float32)
+        y, batch_mean, batch_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset, mean=empty, variance=empty,
+            epsilon=layer.epsilon, exponential_avg_factor=1.0,
+            data_format="NHWC", is_training=True,
+        )
+        momentum = layer.momentum
+        layer.moving_mean.assign(
+            layer.moving_mean * momentum + batch_mean * (1.0 - momentum)
+        )
+        layer.moving_variance.assign(
+            layer.moving_variance * momentum + batch_variance * (1.0 - momentum)
+        )
+    else:
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=scale, offset=offset,
+            mean=tf.convert_to_tensor(layer.moving_mean),
+            variance=tf.convert_to_tensor(layer.moving_variance),
+            epsilon=layer.epsilon, exponential_avg_factor=1.0,
+            data_format="NHWC", is_training=False,
+        )[0]
+    return tf.cast(y, layer.compute_dtype)

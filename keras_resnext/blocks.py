@@ -15,7 +15,7 @@ BNs: the forms are the same function in inference and in training mode.
 import keras
 from keras import layers
 
-from keras_resnext.layers import GroupConv2D
+from keras_resnext.layers import BatchNormalization, GroupConv2D
 
 BN_EPSILON = 1e-5
 # PyTorch's momentum 0.1 in Keras' convention. Keras' default 0.99 leaves the
@@ -32,7 +32,7 @@ def conv_initializer():
 
 
 def batch_norm(name):
-    return layers.BatchNormalization(
+    return BatchNormalization(
         axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
     )
 

@@ -37,3 +37,29 @@ class GroupConv2D(keras.layers.Conv2D):
             padding=self.padding,
             dilation_rate=self.dilation_rate,
         )
+
+
+@keras.saving.register_keras_serializable(package="keras_resnext")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """A `keras.layers.BatchNormalization` that runs TensorFlow's fused kernel.
+
+    Keras 3 composes BN from elementwise ops. On TensorFlow this layer calls
+    `FusedBatchNormV3` instead: one op forward and one backward, and at
+    inference grappler folds it into the preceding convolution (oneDNN's
+    fused conv + BN + ReLU). Moving statistics follow PyTorch: the variance
+    they track is the unbiased batch variance. Same arguments, weights and
+    config as Keras' layer; other backends and unusual settings (masks,
+    renorm, synchronized, axis other than last of 4-D) use Keras' own code.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            keras.backend.backend() != "tensorflow"
+            or mask is not None
+            or self.renorm
+            or self.synchronized
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3)
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        return _tf_ops.fused_batch_norm(self, inputs, bool(training) and self.trainable)

@@ -1,0 +1,234 @@
+"""Inference and training images/s of our ResNeXt-50 32x4d and ResNet-50, against
+torchvision's when it is importable.
+
+Each (implementation, model, mode) lives in its own worker process, built once;
+the script then interleaves timed rounds across the workers (two shared cores
+are noisy) and reports medians and the ratios of issue 6:
+
+    ours ResNeXt-50 / torchvision ResNeXt-50   (inference, training)
+    ours ResNeXt-50 time / ours ResNet-50 time (cost of cardinality)
+
+CPU (this repo's venv for ours, another interpreter for torchvision):
+    python benchmarks/models.py --torch_python /path/to/torchvenv/bin/python
+GPU with Keras-JAX, mixed precision, training only:
+    python benchmarks/models.py --backend jax --device gpu --batch_size 256 \
+        --modes training --precision bfloat16
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = ("resnext50_32x4d", "resnet50")
+TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50"}
+
+
+def ours_worker(model_name, mode, batch_size, image_size, precision):
+    import numpy as np
+
+    import keras_resnext as kr  # first: it arranges oneDNN before TF loads
+    import keras
+
+    if precision != "float32":
+        keras.config.set_dtype_policy(f"mixed_{precision}")
+    model = kr.build(model_name, input_shape=(image_size, image_size, 3))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2, 2, (batch_size, image_size, image_size, 3)).astype("float32")
+    y = rng.integers(0, 1000, batch_size)
+    if mode == "training":
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+        )
+
+        def step():
+            model.train_on_batch(x, y)
+    else:
+        def step():
+            model.predict_on_batch(x)
+    return step, f"keras {keras.__version__} ({keras.backend.backend()})"
+
+
+def torchvision_worker(model_name, mode, batch_size, image_size, precision, device):
+    import torch
+    import torchvision
+
+    model = getattr(torchvision.models, TORCHVISION_NAMES[model_name])()
+    model = model.to(device=device, memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+    def autocast():
+        return torch.autocast(device_type=device, dtype=autocast_dtype,
+                              enabled=autocast_dtype is not None)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if mode == "training":
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler(enabled=precision == "float16")
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sync()
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast():
+                model(x)
+            sync()
+    return step, f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+
+
+def serve(args):
+    """Worker loop: build once, warm up, then answer 'run N' with seconds."""
+    if args.worker == "ours":
+        step, version = ours_worker(args.model, args.mode, args.batch_size, args.image_size,
+                                    args.precision)
+    else:
+        device = "cuda" if args.device == "gpu" else "cpu"
+        step, version = torchvision_worker(args.model, args.mode, args.batch_size,
+                                           args.image_size, args.precision, device)
+    for _ in range(args.warmup):
+        step()
+    print(json.dumps({"ready": version}), flush=True)
+    for line in sys.stdin:
+        steps = int(line.split()[1])
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+
+
+class Worker:
+    def __init__(self, implementation, python, model, mode, args):
+        self.key = (implementation, model, mode)
+        command = [python, os.path.abspath(__file__), "--worker", implementation,
+                   "--model", model, "--mode", mode, "--batch_size", str(args.batch_size),
+                   "--image_size", str(args.image_size), "--precision", args.precision,
+                   "--device", args.device, "--warmup", str(args.warmup)]
+        env = dict(os.environ, KERAS_BACKEND=args.backend)
+        # Several workers share one GPU: JAX must not grab 75% of it up front.
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+        self.version = self._read()["ready"]
+        self.rates = []
+
+    def _read(self):
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"benchmark worker {self.key} exited early")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def measure(self, steps, batch_size):
+        self.process.stdin.write(f"run {steps}\n")
+        self.process.stdin.flush()
+        seconds = self._read()["seconds"]
+        self.rates.append(steps * batch_size / seconds)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def torchvision_available(python):
+    probe = subprocess.run([python, "-c", "import torchvision"], capture_output=True)
+    return probe.returncode == 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax", "torch"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--modes", default="inference,training")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="batches per timed round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--python", default=sys.executable, help="interpreter for ours")
+    parser.add_argument("--torch_python", default=sys.executable,
+                        help="interpreter with torch + torchvision")
+    parser.add_argument("--json", help="also write the results here")
+    # Worker mode (internal).
+    parser.add_argument("--worker", choices=["ours", "torchvision"])
+    parser.add_argument("--model")
+    parser.add_argument("--mode")
+    args = parser.parse_args()
+    if args.worker:
+        return serve(args)
+
+    models = args.models.split(",")
+    modes = args.modes.split(",")
+    implementations = [("ours", args.python)]
+    if torchvision_available(args.torch_python):
+        implementations.append(("torchvision", args.torch_python))
+    else:
+        print(f"torchvision is not importable by {args.torch_python}: measuring ours only")
+
+    results = {}
+    for mode in modes:
+        # One mode at a time keeps at most four models in memory.
+        workers = [Worker(impl, python, model, mode, args)
+                   for impl, python in implementations for model in models]
+        for _ in range(args.repeats):
+            for worker in workers:  # interleaved rounds
+                worker.measure(args.steps, args.batch_size)
+        for worker in workers:
+            worker.close()
+            results[worker.key] = dict(median=statistics.median(worker.rates),
+                                       rates=worker.rates, version=worker.version)
+
+    print(f"\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, {args.precision}, "
+          f"backend {args.backend}, device {args.device}, median of {args.repeats} rounds "
+          f"of {args.steps} batches")
+    print(f"{'implementation':<15}{'model':<18}{'mode':<11}{'img/s':>8}   rounds")
+    for (impl, model, mode), r in results.items():
+        rounds = " ".join(f"{rate:.2f}" for rate in r["rates"])
+        print(f"{impl:<15}{model:<18}{mode:<11}{r['median']:>8.2f}   {rounds}")
+    for impl, _ in implementations:
+        print(f"{impl}: {results[(impl, models[0], modes[0])]['version']}")
+    ratios = {}
+    for mode in modes:
+        ours = results.get(("ours", "resnext50_32x4d", mode))
+        theirs = results.get(("torchvision", "resnext50_32x4d", mode))
+        resnet = results.get(("ours", "resnet50", mode))
+        if ours and theirs:
+            ratios[f"{mode}: ours / torchvision (ResNeXt-50)"] = ours["median"] / theirs["median"]
+        if ours and resnet:
+            # Time per batch of ResNeXt over ResNet = inverse ratio of rates.
+            ratios[f"{mode}: cost of cardinality (ResNeXt-50 / ResNet-50 time)"] = (
+                resnet["median"] / ours["median"])
+    for label, value in ratios.items():
+        print(f"{label}: {value:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": {"|".join(k): v for k, v in results.items()},
+                       "ratios": ratios, "args": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
