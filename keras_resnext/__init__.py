@@ -27,6 +27,7 @@ from keras_resnext.preprocessing import (  # noqa: E402
 )
 from keras_resnext.presets import PRESETS, build  # noqa: E402
 from keras_resnext.reformulate import reformulate  # noqa: E402
+from keras_resnext.weights import load_weights  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "count_flops",
     "decode_predictions",
     "layers",
+    "load_weights",
     "preprocess_for_eval",
     "preprocess_input",
     "reformulate",

@@ -7,31 +7,36 @@ SRC is a PyTorch state dict (.pth/.pt), a .safetensors file or a .weights.h5,
 with torchvision's or timm's key names. The classifier is kept as SRC has it.
 """
 
-import keras_resnext  # noqa: F401  (sets TensorFlow's switches before it loads)
-from absl import app, flags
+# argparse, not absl flags: this module lives in the library, and absl's global
+# flag registry would clash with the training CLIs' flags in one process.
+import argparse
 
 from keras_resnext import weights
 from keras_resnext.presets import PRESETS
 
-_MODEL = flags.DEFINE_enum(
-    "model", None, sorted(PRESETS), "The preset whose architecture SRC holds."
-)
-flags.mark_flag_as_required("model")
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_resnext.convert",
+        description="Convert a PyTorch, safetensors or Keras checkpoint to a .weights.h5.",
+    )
+    parser.add_argument("source", metavar="SRC", help="the checkpoint to read")
+    parser.add_argument("destination", metavar="DST.weights.h5", help="the file to write")
+    parser.add_argument("--model", required=True, choices=sorted(PRESETS),
+                        help="the preset whose architecture SRC holds")
+    return parser.parse_args(argv)
 
 
-def main(argv):
-    if len(argv) != 3:
-        raise app.UsageError(
-            "Usage: python -m keras_resnext.convert SRC DST.weights.h5 --model NAME"
-        )
-    source, destination = argv[1:]
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        model = weights.convert(source, destination, _MODEL.value)
+        model = weights.convert(args.source, args.destination, args.model)
     except (ValueError, OSError, ImportError) as error:
         raise SystemExit(f"convert: {error}") from None
     head = f"{model.classes} classes" if model.include_top else "no classifier"
-    print(f"Wrote {destination}: {_MODEL.value}, {model.count_params():,} parameters, {head}.")
+    print(f"Wrote {args.destination}: {args.model}, {model.count_params():,} parameters, "
+          f"{head}.")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -52,6 +52,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # Training checkpoints (timm's, torchvision's references') nest the state dict.
 _NESTED_STATE_KEYS = ("state_dict", "model")
 
+_TORCH_STEM_AND_HEAD = {"conv1": "conv1_conv", "bn1": "conv1_bn", "fc": "predictions"}
+_KERAS_STEM_AND_HEAD = {layer: module for module, layer in _TORCH_STEM_AND_HEAD.items()}
 _TORCH_BLOCK_MODULE = re.compile(
     r"layer(?P<stage>\d+)\.(?P<block>\d+)\."
     r"(?:(?P<kind>conv|bn)(?P<part>[123])|downsample\.(?P<downsample>[01]))"
@@ -89,6 +91,8 @@ def load_weights(model, weights):
     path = _weights_path(weights)
     file_format = detect_format(path)
     if file_format == KERAS:
+        if _load_keras_in_place(model, path):
+            return model
         checkpoint = _read_keras(path, model)
     else:
         checkpoint = _read_torch_layout(path, file_format)
@@ -110,7 +114,7 @@ def convert(source, destination, preset):
     file_format = detect_format(path)
     checkpoint = None
     if file_format == KERAS:
-        classes = _keras_file_classes(path)
+        classes, _ = _keras_file_summary(path)
     else:
         checkpoint = _read_torch_layout(path, file_format)
         classes = checkpoint.classes
@@ -121,8 +125,9 @@ def convert(source, destination, preset):
         classifier_activation=None,
     )
     if checkpoint is None:
-        checkpoint = _read_keras(path, model)
-    _load(model, checkpoint)
+        load_weights(model, path)
+    else:
+        _load(model, checkpoint)
     model.save_weights(os.fspath(destination))
     return model
 
@@ -225,6 +230,7 @@ def _state_dict_in(loaded, path):
 
 def _read_safetensors(path):
     try:
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
     except ImportError:
         raise ImportError(
@@ -232,7 +238,7 @@ def _read_safetensors(path):
         ) from None
     try:
         return load_file(path)
-    except Exception as error:  # safetensors' own error type is not importable
+    except (SafetensorError, TypeError, ValueError) as error:  # TypeError: e.g. bfloat16
         raise ValueError(f"Could not read {path} as a .safetensors file: {error}") from None
 
 
@@ -247,8 +253,8 @@ def _strip_wrapper_prefixes(state):
 
 def keras_layer_for(module):
     """Our layer name for a torchvision/timm ResNet module path, or None."""
-    if module in ("conv1", "bn1", "fc"):
-        return {"conv1": "conv1_conv", "bn1": "conv1_bn", "fc": "predictions"}[module]
+    if module in _TORCH_STEM_AND_HEAD:
+        return _TORCH_STEM_AND_HEAD[module]
     match = _TORCH_BLOCK_MODULE.fullmatch(module)
     if match is None:
         return None
@@ -260,8 +266,8 @@ def keras_layer_for(module):
 
 def torch_module_for(layer):
     """The torchvision/timm module path of our layer `layer`, or None."""
-    if layer in ("conv1_conv", "conv1_bn", "predictions"):
-        return {"conv1_conv": "conv1", "conv1_bn": "bn1", "predictions": "fc"}[layer]
+    if layer in _KERAS_STEM_AND_HEAD:
+        return _KERAS_STEM_AND_HEAD[layer]
     match = _KERAS_BLOCK_LAYER.fullmatch(layer)
     if match is None:
         return None
@@ -317,33 +323,28 @@ def _checkpoint_from_state_dict(path, state):
 # Keras files ----------------------------------------------------------------
 
 
-def _keras_file_classes(path):
-    """Classes of the file's classifier, or None when it has none."""
+def _keras_file_summary(path):
+    """The classes of a `.weights.h5`'s classifier (None when it has none) and
+    its number of tensors."""
     import h5py
 
-    kernels = []
+    kernels, tensors = [], []
+
+    def visit(name, item):
+        if isinstance(item, h5py.Dataset):
+            tensors.append(name)
+            if _KERAS_DENSE_KERNEL.fullmatch(name) and len(item.shape) == 2:
+                kernels.append(item.shape)
+
     with h5py.File(path, "r") as file:
         if "layers" not in file:
             raise ValueError(
                 f"{path} is an HDF5 file but not a Keras 3 .weights.h5 (no 'layers' "
                 f"group); save weights with Keras 3's model.save_weights(...)."
             )
-        file.visititems(
-            lambda name, item: kernels.append(item.shape)
-            if _KERAS_DENSE_KERNEL.fullmatch(name) and len(item.shape) == 2 else None
-        )
-    return kernels[0][1] if len(kernels) == 1 else None
-
-
-def _keras_file_tensor_count(path):
-    import h5py
-
-    count = []
-    with h5py.File(path, "r") as file:
-        file["layers"].visititems(
-            lambda name, item: count.append(1) if isinstance(item, h5py.Dataset) else None
-        )
-    return len(count)
+        file.visititems(visit)
+    classes = kernels[0][1] if len(kernels) == 1 else None
+    return classes, len(tensors)
 
 
 @contextlib.contextmanager
@@ -364,17 +365,47 @@ def _keras_weights_path(path):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _load_keras_in_place(model, path):
+    """Load a `.weights.h5` saved from `model`'s own architecture and head
+    straight into it, the common case, without building a twin. False when the
+    file's head or number of tensors differ (another head or block form)."""
+    _require_resnext(model)
+    classes, file_tensors = _keras_file_summary(path)
+    if classes != (model.classes if model.include_top else None):
+        return False
+    if len(model.weights) != file_tensors:
+        return False
+    snapshot = [variable.numpy() for variable in model.weights]
+    failure = _keras_load(model, path)
+    if failure is None:
+        return True
+    for variable, value in zip(model.weights, snapshot):
+        variable.assign(value)
+    raise ValueError(f"{path} does not fit {model.name}; nothing was loaded: {failure}")
+
+
+def _keras_load(model, path):
+    """Keras' own loading; None when every tensor of `model` was loaded, else why not."""
+    with _keras_weights_path(path) as keras_path, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(keras_path)
+        except (KeyError, ValueError) as error:
+            return _first_lines(error)
+    # Keras warns, rather than raises, when the file lacks a layer's tensors.
+    return _first_lines(caught[0].message) if caught else None
+
+
 def _read_keras(path, model):
     """The file's tensors, read through a twin of `model` with the file's head.
 
     A `.weights.h5` names tensors by position, not by layer, so it only reads
     into the architecture it was saved from: try `model`'s block form first,
     then the others, and accept a form only if every tensor in the file found
-    its place. The twin takes the failed attempts' partial loads.
+    its place. The twins take the failed attempts' partial loads.
     """
     _require_resnext(model)
-    classes = _keras_file_classes(path)
-    file_tensors = _keras_file_tensor_count(path)
+    classes, file_tensors = _keras_file_summary(path)
     forms = [model.block_form] + [form for form in ("c", "a", "b") if form != model.block_form]
     config = dict(
         model.get_config(),
@@ -387,13 +418,12 @@ def _read_keras(path, model):
         if len(twin.weights) != file_tensors:
             failures.append(f"form {form} has {len(twin.weights)} tensors")
             continue
-        try:
-            with _keras_weights_path(path) as keras_path, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                twin.load_weights(keras_path)
-        except ValueError as error:
-            failures.append(f"form {form}: {_first_lines(error)}")
-            continue
+        failure = _keras_load(twin, path)
+        if failure:
+            # Forms differ in their number of tensors (for C > 1): with the
+            # count right, the architecture itself differs.
+            failures.append(f"form {form}: {failure}")
+            break
         tensors = {
             layer.name: {
                 index: _Tensor(variable.path, np.asarray(variable.numpy()), torch_layout=False)
@@ -427,41 +457,41 @@ def _require_resnext(model):
 
 def _load(model, checkpoint):
     _require_resnext(model)
-    tensors = _fit_head(model, checkpoint)
-    if checkpoint.block_form == model.block_form:
-        _check_fits(model, checkpoint, tensors)
-        _assign(model, tensors)
-        return
-    twin = ResNeXt.from_config(dict(model.get_config(), block_form=checkpoint.block_form))
-    _check_fits(twin, checkpoint, tensors)
-    _assign(twin, tensors)
-    reformulated = reformulate(twin, model.block_form)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights(reformulated.get_layer(layer.name).get_weights())
+    tensors, head_warning = _fit_head(model, checkpoint)
+    target = model
+    if checkpoint.block_form != model.block_form:
+        target = ResNeXt.from_config(dict(model.get_config(), block_form=checkpoint.block_form))
+    _check_fits(target, checkpoint, tensors)
+    if head_warning:
+        warnings.warn(head_warning, stacklevel=4)
+    _assign(target, tensors)
+    if target is not model:
+        reformulated = reformulate(target, model.block_form)
+        for layer in model.layers:
+            if layer.weights:
+                layer.set_weights(reformulated.get_layer(layer.name).get_weights())
 
 
 def _fit_head(model, checkpoint):
-    """The tensors to load: the file's classifier only where `model` takes it."""
+    """The tensors to load, the file's classifier only where `model` takes it,
+    and a warning to give when the classifier is left out."""
     tensors = dict(checkpoint.tensors)
     if not model.include_top:
         tensors.pop("predictions", None)
-        return tensors
+        return tensors, None
     if checkpoint.classes is None:
-        warnings.warn(
+        return tensors, (
             f"{checkpoint.path} has no classifier; {model.name}'s 'predictions' layer "
-            f"keeps its fresh initialisation.",
-            stacklevel=4,
+            f"keeps its fresh initialisation."
         )
-    elif checkpoint.classes != model.classes:
-        warnings.warn(
-            f"{checkpoint.path} classifies {checkpoint.classes} classes and {model.name} "
-            f"{model.classes}: the classifier was not loaded and keeps its fresh "
-            f"initialisation (for fine-tuning).",
-            stacklevel=4,
-        )
+    if checkpoint.classes != model.classes:
         tensors.pop("predictions")
-    return tensors
+        return tensors, (
+            f"{checkpoint.path} has a {checkpoint.classes}-class classifier and "
+            f"{model.name} {model.classes} classes: the classifier was not loaded and "
+            f"keeps its fresh initialisation (for fine-tuning)."
+        )
+    return tensors, None
 
 
 def _check_fits(model, checkpoint, tensors):
@@ -522,25 +552,26 @@ def _listing(items):
 
 
 def _describe(checkpoint):
-    """The architecture a torchvision-layout checkpoint holds, e.g. 'resnext101_32x8d'."""
-    tensors = checkpoint.tensors
-    try:
-        stem = tensors["conv1_conv"][0].value
-        group_conv = tensors["conv2_block1_2_conv"][0].value
-    except KeyError:
-        return None
+    """The architecture a torchvision-layout checkpoint holds, e.g. 'a resnext101_32x8d
+    (...)', or None when its stem or first grouped conv isn't there to tell."""
     if checkpoint.naming != TORCH:
         return None
+    stem = checkpoint.tensors.get("conv1_conv", {}).get(0)
+    group_conv = checkpoint.tensors.get("conv2_block1_2_conv", {}).get(0)
+    if stem is None or group_conv is None or stem.value.ndim != 4 or group_conv.value.ndim != 4:
+        return None
     blocks = {}
-    for layer in tensors:
+    for layer in checkpoint.tensors:
         match = _KERAS_BLOCK_LAYER.fullmatch(layer)
         if match:
             blocks.setdefault(int(match["stage"]), set()).add(int(match["block"]))
     stage_depths = tuple(len(blocks[stage]) for stage in sorted(blocks))
-    width = group_conv.shape[2]  # channels per group at conv2: int(64 * d / 64)
-    cardinality = group_conv.shape[3] // width
+    # Kernels are [kh, kw, in / groups, out]; conv2's groups are int(64 * d / 64) = d wide.
+    width = group_conv.value.shape[2]
+    cardinality = group_conv.value.shape[3] // width
     depth = 3 * sum(stage_depths) + 2
-    stem_name = "ImageNet" if stem.shape[0] == 7 else f"{stem.shape[0]}x{stem.shape[1]}"
+    kernel = stem.value.shape[0]
+    stem_name = "ImageNet" if kernel == 7 else f"{kernel}x{kernel}"
     classes = checkpoint.classes
     return (
         f"a {default_name(depth, cardinality, width)} (stage depths {stage_depths}, "
