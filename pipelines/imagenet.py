@@ -1,10 +1,11 @@
 """ImageNet-style views of one encoded image (§4 of the paper).
 
-Training: a random crop of 8%-100% of the area with aspect ratio 3/4-4/3
-(Szegedy et al., as in fb.resnet.torch), resized to `image_size` and flipped,
-with fb.resnet.torch's colour jitter and PCA lighting on request. Only the
-crop of a JPEG is decoded. Evaluation is `keras_resnext`'s single centre crop,
-re-exported here so datasets and serving share one definition.
+Training follows fb.resnet.torch, the code the paper's models were trained
+with: a random crop of 8%-100% of the area with aspect ratio 3/4-4/3 (Szegedy
+et al.), resized bicubically to `image_size` and flipped, with its colour
+jitter and PCA lighting on request. Only the crop of a JPEG is decoded.
+Evaluation is `keras_resnext`'s single centre crop, re-exported here so that
+datasets and serving share one definition.
 
 Random ops are stateless: each call takes a `seed` ([2] integers), so a
 pipeline that hands out seeds deterministically is reproducible.
@@ -21,8 +22,11 @@ from keras_resnext.preprocessing import (
 __all__ = [
     "AREA_RANGE",
     "ASPECT_RATIO_RANGE",
+    "decode_random_crop",
     "preprocess_for_eval",
     "preprocess_for_train",
+    "random_color_jitter",
+    "random_pca_lighting",
     "sample_crop_window",
 ]
 
@@ -50,9 +54,8 @@ def sample_crop_window(image_height_width, seed, area_range=AREA_RANGE,
     """A random crop window `[top, left, height, width]` (int32) of an image.
 
     The crop covers `area_range` of the image with width/height in
-    `aspect_ratio_range`. If `max_attempts` samples all fail, the centre crop
-    with the aspect ratio clamped into range is used (the whole image when its
-    own aspect ratio is in range), as torchvision's RandomResizedCrop does.
+    `aspect_ratio_range`. If `max_attempts` samples all fail, the centre
+    square is used, as in fb.resnet.torch.
     """
     height_width = tf.cast(image_height_width[:2], tf.int32)
     image_shape = tf.concat([height_width, [3]], axis=0)
@@ -65,34 +68,22 @@ def sample_crop_window(image_height_width, seed, area_range=AREA_RANGE,
     sampled = tf.concat([begin[:2], size[:2]], axis=0)
     # The sampler returns the whole image when every attempt failed.
     failed = tf.reduce_all(tf.equal(size[:2], height_width))
-    return tf.cond(
-        failed,
-        lambda: _center_window_in_aspect_range(height_width, aspect_ratio_range),
-        lambda: sampled,
-    )
+    return tf.cond(failed, lambda: _center_square(height_width), lambda: sampled)
 
 
-def _center_window_in_aspect_range(height_width, aspect_ratio_range):
-    height = tf.cast(height_width[0], tf.float32)
-    width = tf.cast(height_width[1], tf.float32)
-    min_ratio, max_ratio = aspect_ratio_range
-    ratio = width / height
-    crop_height = tf.where(ratio < min_ratio, tf.round(width / min_ratio), height)
-    crop_width = tf.where(ratio > max_ratio, tf.round(height * max_ratio), width)
-    crop_height = tf.cast(tf.minimum(crop_height, height), tf.int32)
-    crop_width = tf.cast(tf.minimum(crop_width, width), tf.int32)
-    top = (height_width[0] - crop_height) // 2
-    left = (height_width[1] - crop_width) // 2
-    return tf.stack([top, left, crop_height, crop_width])
+def _center_square(height_width):
+    side = tf.reduce_min(height_width)
+    top, left = tf.unstack((height_width - side) // 2)
+    return tf.stack([top, left, side, side])
 
 
 def decode_random_crop(image_bytes, seed, area_range=AREA_RANGE,
                        aspect_ratio_range=ASPECT_RATIO_RANGE):
     """Decode only a random crop (see `sample_crop_window`): uint8 RGB.
 
-    JPEGs are decoded inside the window (`decode_and_crop_jpeg`), which is most
-    of the speed of the training pipeline; PNG and other formats are decoded
-    whole and then cropped. The format comes from the bytes, not the name.
+    JPEGs are decoded inside the window only (`decode_and_crop_jpeg`); PNG and
+    other formats are decoded whole and then cropped. The format comes from
+    the bytes, not the file name.
     """
 
     def jpeg_crop():
@@ -116,10 +107,10 @@ def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
                          color_jitter=False, pca_lighting=False):
     """The paper's training view of one encoded image: float32 [size, size, 3].
 
-    Random-area/aspect crop, resized (antialiased bilinear) to `image_size`,
-    random horizontal flip, optionally fb.resnet.torch's colour jitter and PCA
-    lighting, then `keras_resnext.preprocess_input`. `seed` is a [2] integer
-    tensor for the stateless random ops; None draws one.
+    Random-area/aspect crop, resized to `image_size`, random horizontal flip,
+    optionally fb.resnet.torch's colour jitter and PCA lighting, then
+    `keras_resnext.preprocess_input`. `seed` is a [2] integer tensor for the
+    stateless random ops; None draws one.
     """
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
@@ -127,9 +118,9 @@ def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
         tf.random.experimental.stateless_split(seed, num=4)
     )
     image = decode_random_crop(image_bytes, crop_seed)
-    image = tf.image.resize(
-        image, [image_size, image_size], method="bilinear", antialias=True
-    )
+    # Bicubic without antialiasing, as fb.resnet.torch's image.scale; an
+    # antialiased resize would add about half to the CPU time of this view.
+    image = tf.image.resize(image, [image_size, image_size], method="bicubic")
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if color_jitter:
         image = random_color_jitter(image, jitter_seed)

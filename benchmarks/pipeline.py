@@ -1,0 +1,222 @@
+"""Images/s of the ImageNet-style training pipeline, against torchvision's loader.
+
+Both read the same folder of ImageNet-sized JPEGs (~500x375; generated unless
+--data_dir is given) and produce normalised 224x224 random-area crops with
+random flips:
+
+- ours: `pipelines.build_dataset("folder:DIR", "train", ..., training=True)`;
+- torchvision: `ImageFolder` + `RandomResizedCrop(224)` + flip + `ToTensor` +
+  `Normalize` through `DataLoader(num_workers=2)`, shuffled.
+
+torchvision runs in this interpreter when it is importable, otherwise in
+--torch_python (e.g. a separate PyTorch virtualenv). The script prints both
+figures (median of --repeats alternating runs) and their ratio, as images/s
+and as CPU time per image; the latter is steadier on a shared machine.
+
+    python benchmarks/pipeline.py --torch_python /work/torchvenv/bin/python
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+if not __package__:  # run as `python benchmarks/pipeline.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GENERATED_IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo.
+GENERATED_CLASSES = 10
+
+
+def generate_images(root, num_images, seed=0):
+    """`root/train/<class>/*.JPEG`: textured photo-like JPEGs of ~500x375.
+
+    Smooth colour fields plus fine noise, so that files (~90 KB) are nearer
+    ImageNet's (~110 KB) in size and decoding cost than flat or pure-noise ones.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = GENERATED_IMAGE_SIZE
+    for index in range(num_images):
+        class_directory = os.path.join(root, "train", f"class_{index % GENERATED_CLASSES:02d}")
+        os.makedirs(class_directory, exist_ok=True)
+        # Jitter the size a little, as real photos vary.
+        image_width = width + int(rng.integers(-40, 41))
+        image_height = height + int(rng.integers(-40, 41))
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        field = np.asarray(
+            Image.fromarray(coarse).resize((image_width, image_height), Image.BICUBIC),
+            dtype=np.float32,
+        )
+        detail = rng.normal(0.0, 18.0, (image_height, image_width, 3))
+        pixels = np.clip(field + detail, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(
+            os.path.join(class_directory, f"image_{index:05d}.JPEG"), quality=90
+        )
+
+
+def folder_stats(root):
+    sizes = [
+        os.path.getsize(os.path.join(directory, name))
+        for directory, _, names in os.walk(os.path.join(root, "train"))
+        for name in names
+    ]
+    return len(sizes), sum(sizes) / max(len(sizes), 1)
+
+
+def cpu_seconds(who):
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(batches, batch_size, warmup_batches, timed_batches):
+    """(images/s, CPU ms/image) of a finite iterable of batches.
+
+    Images/s is timed over the `timed_batches` after `warmup_batches`. CPU
+    time covers every batch, start-up included, and counts this process and
+    its finished children (DataLoader's workers), so it compares loaders
+    fairly even on a busy machine.
+    """
+    cpu_start = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
+    iterator = iter(batches)
+    for _ in range(warmup_batches):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(timed_batches):
+        next(iterator)
+    elapsed = time.perf_counter() - start
+    for _ in iterator:  # The end lets DataLoader join its workers, so they count.
+        pass
+    cpu = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_start
+    return (timed_batches * batch_size / elapsed,
+            1000 * cpu / ((warmup_batches + timed_batches) * batch_size))
+
+
+def tf_data_dataset(root, batch_size, num_batches):
+    import pipelines
+
+    return pipelines.build_dataset(
+        f"folder:{root}", "train", batch_size=batch_size, training=True
+    ).repeat().take(num_batches)
+
+
+def torchvision_loader(root, batch_size, num_batches, num_workers):
+    """torchvision's standard ImageNet training input, for `num_batches` batches."""
+    import torch
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.RandomResizedCrop(224),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    ])
+    dataset = datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
+    # One long epoch (a shuffle as DataLoader(shuffle=True) does, repeated as
+    # needed), so that the workers start once and are joined at the end.
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=num_batches * batch_size)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        drop_last=True,
+    )
+
+
+def torchvision_importable():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure_torchvision(args):
+    """torchvision's (images/s, CPU ms/image), here or in --torch_python;
+    None if neither has torchvision."""
+    if torchvision_importable():
+        loader = torchvision_loader(
+            args.data_dir, args.batch_size, args.warmup_batches + args.timed_batches,
+            args.torch_workers,
+        )
+        return measure(loader, args.batch_size, args.warmup_batches, args.timed_batches)
+    if not args.torch_python:
+        return None
+    command = [
+        args.torch_python, os.path.abspath(__file__), "--only_torchvision",
+        "--data_dir", args.data_dir, "--batch_size", str(args.batch_size),
+        "--warmup_batches", str(args.warmup_batches),
+        "--timed_batches", str(args.timed_batches),
+        "--torch_workers", str(args.torch_workers),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"torchvision benchmark in {args.torch_python} failed:\n{completed.stderr}"
+        )
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    return result["images_per_second"], result["cpu_ms_per_image"]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", help="folder with train/<class>/*.JPEG; generated if absent")
+    parser.add_argument("--num_images", type=int, default=1000,
+                        help="images to generate when --data_dir is not given")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--warmup_batches", type=int, default=5)
+    parser.add_argument("--timed_batches", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternating measurements of each; medians are printed")
+    parser.add_argument("--torch_workers", type=int, default=2)
+    parser.add_argument("--torch_python", help="interpreter with torchvision, if not this one")
+    parser.add_argument("--only_torchvision", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.only_torchvision:
+        images_per_second, cpu_ms_per_image = measure_torchvision(args)
+        print(json.dumps({"images_per_second": images_per_second,
+                          "cpu_ms_per_image": cpu_ms_per_image}))
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        if not args.data_dir:
+            args.data_dir = scratch
+            generate_images(scratch, args.num_images)
+        count, mean_bytes = folder_stats(args.data_dir)
+        print(f"{count} JPEGs in {args.data_dir}, {mean_bytes / 1024:.0f} KB on average; "
+              f"batch {args.batch_size}, {args.timed_batches} timed batches x "
+              f"{args.repeats} repeats, {os.cpu_count()} CPUs")
+        dataset = tf_data_dataset(args.data_dir, args.batch_size,
+                                  args.warmup_batches + args.timed_batches)
+        ours, theirs = [], []
+        # Alternate the two, so that a busy spell on the machine hits both.
+        for _ in range(args.repeats):
+            theirs.append(measure_torchvision(args))
+            ours.append(measure(dataset, args.batch_size, args.warmup_batches,
+                                args.timed_batches))
+    for name, runs in (("tf.data", ours), ("torchvision", theirs)):
+        if runs[0] is not None:
+            print(f"{name} runs: " + ", ".join(f"{rate:.0f}/s {cpu:.1f}ms" for rate, cpu in runs))
+    tf_rate, tf_cpu = np.median(ours, axis=0)
+    print(f"tf.data (pipelines.build_dataset): {tf_rate:7.1f} images/s, "
+          f"{tf_cpu:5.1f} CPU ms/image")
+    if theirs[0] is None:
+        print("torchvision: not importable here and no --torch_python given")
+        return
+    torch_rate, torch_cpu = np.median(theirs, axis=0)
+    print(f"torchvision DataLoader({args.torch_workers} workers): {torch_rate:7.1f} images/s, "
+          f"{torch_cpu:5.1f} CPU ms/image")
+    print(f"ratio: {tf_rate / torch_rate:.2f}x images/s, "
+          f"{torch_cpu / tf_cpu:.2f}x less CPU per image")
+
+
+if __name__ == "__main__":
+    main()

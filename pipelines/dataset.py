@@ -1,0 +1,218 @@
+"""`build_dataset`: batches of preprocessed images and labels from any source."""
+
+import sys
+
+import tensorflow as tf
+
+from keras_resnext.presets import EVAL_TRANSFORMS
+from pipelines import cifar, imagenet
+from pipelines.sources import open_source
+
+__all__ = ["PREPROCESSINGS", "build_dataset", "default_resize_size"]
+
+PREPROCESSINGS = ("imagenet", "cifar")
+DEFAULT_SHUFFLE_BUFFER = 10_000
+UNREADABLE_FILES_LISTED = 5
+
+
+def build_dataset(source, split, batch_size, training, image_size=None, *,
+                  resize_size=None, preprocessing=None, data_dir=None,
+                  manual_dir=None, tfrecord_label_offset=1,
+                  tfrecord_num_classes=1000, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
+                  deterministic=False, seed=None, input_context=None,
+                  color_jitter=False, pca_lighting=False):
+    """One pass over a split as batches of `(images, labels)`.
+
+    Images are float32 [batch, image_size, image_size, 3], normalised by
+    `keras_resnext.preprocess_input`; labels are int32 [batch]. Callers repeat.
+
+    Args:
+      source: a source string (see `pipelines.sources`): a TFDS name or
+        `tfds:NAME`, `folder:ROOT` or `tfrecord:PATTERN`.
+      split: "train" or "val".
+      batch_size: examples per batch (per replica under `input_context`).
+      training: random crops and flips, shuffled, full batches only.
+        Otherwise the deterministic eval view of every example exactly once,
+        the last partial batch included.
+      image_size: crop size; default 224 (ImageNet-style) or 32 (CIFAR-style).
+      resize_size: ImageNet-style eval only, the shorter side before the centre
+        crop; default 256 for 224 and in that proportion for other sizes.
+      preprocessing: "imagenet" or "cifar"; default "cifar" for 32x32 images.
+      data_dir, manual_dir: passed to TFDS.
+      tfrecord_label_offset: subtracted from TFRecord labels (1 for TF's
+        1-based ImageNet TFRecords).
+      tfrecord_num_classes: TFRecord labels must lie in [0, this); a label
+        outside is an error that names the file and record.
+      shuffle_buffer: examples in the shuffle buffer of TFRecord and TFDS
+        sources, after their file-level shuffle. Folders shuffle all paths.
+      deterministic: training order and augmentation reproducible from `seed`
+        (0 if None), at some cost in speed. Evaluation is always deterministic.
+      seed: seed of the shuffles and augmentations.
+      input_context: a `tf.distribute.InputContext`; each input pipeline
+        reads its own shard of the split.
+      color_jitter, pca_lighting: fb.resnet.torch's colour augmentations for
+        ImageNet-style training.
+
+    Unreadable images (truncated, corrupt, empty) are skipped; at the end of
+    each pass the pipeline prints to stderr how many it skipped and a few names.
+    """
+    opened = open_source(
+        source, data_dir=data_dir, manual_dir=manual_dir,
+        tfrecord_label_offset=tfrecord_label_offset,
+        tfrecord_num_classes=tfrecord_num_classes,
+    )
+    if preprocessing is None:
+        preprocessing = opened.native_preprocessing(split)
+    if preprocessing not in PREPROCESSINGS:
+        raise ValueError(
+            f"Unknown preprocessing {preprocessing!r}; use 'imagenet' or 'cifar'."
+        )
+    if preprocessing == "cifar" and (color_jitter or pca_lighting):
+        raise ValueError(
+            "color_jitter and pca_lighting are ImageNet-style augmentations; "
+            f"{source} uses CIFAR-style preprocessing."
+        )
+    if image_size is None:
+        image_size = EVAL_TRANSFORMS[preprocessing]["image_size"]
+    if resize_size is None:
+        resize_size = default_resize_size(image_size)
+    preprocess = _preprocess_function(
+        preprocessing, training, image_size, resize_size, color_jitter, pca_lighting
+    )
+    deterministic = deterministic or not training
+    if training and deterministic and seed is None:
+        seed = 0
+    num_shards, shard_index = 1, 0
+    if input_context is not None:
+        num_shards = input_context.num_input_pipelines
+        shard_index = input_context.input_pipeline_id
+    if seed is not None:
+        seed += shard_index
+
+    records = opened.records(
+        split, shuffle=training, shuffle_buffer=shuffle_buffer, seed=seed,
+        num_shards=num_shards, shard_index=shard_index,
+    )
+    unreadable = UnreadableFiles(f"{source} {split}")
+
+    def load(key, payload, element_seed=None):
+        with tf.control_dependencies([unreadable.started(key)]):
+            image_bytes, label = opened.parse(payload)
+            image = preprocess(image_bytes, element_seed)
+        # A failed read, parse or decode stops here, leaving `key` behind.
+        with tf.control_dependencies([unreadable.finished(key, after=image)]):
+            return key, tf.identity(image), label
+
+    if training:
+        element_seeds = tf.data.Dataset.random(
+            seed=seed, rerandomize_each_iteration=True
+        ).batch(2)
+        records = tf.data.Dataset.zip(records, element_seeds).map(
+            lambda record, element_seed: (*record, element_seed)
+        )
+    examples = records.map(
+        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+    ).ignore_errors()
+    num_classes = len(opened.class_names)
+    examples = examples.map(
+        lambda key, image, label: _check_label(key, image, label, num_classes)
+    )
+    examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
+    dataset = examples.batch(batch_size, drop_remainder=training).prefetch(
+        tf.data.AUTOTUNE
+    )
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return dataset.with_options(options)
+
+
+def default_resize_size(image_size):
+    """The eval resize for a crop size: 256 for 224, in proportion otherwise."""
+    imagenet = EVAL_TRANSFORMS["imagenet"]
+    return round(image_size * imagenet["resize_size"] / imagenet["image_size"])
+
+
+def _preprocess_function(preprocessing, training, image_size, resize_size,
+                         color_jitter, pca_lighting):
+    if preprocessing == "cifar":
+        if training:
+            return lambda image_bytes, seed: cifar.preprocess_for_train(
+                image_bytes, image_size, seed
+            )
+        return lambda image_bytes, seed: cifar.preprocess_for_eval(image_bytes, image_size)
+    if training:
+        return lambda image_bytes, seed: imagenet.preprocess_for_train(
+            image_bytes, image_size, seed, color_jitter=color_jitter,
+            pca_lighting=pca_lighting,
+        )
+    return lambda image_bytes, seed: imagenet.preprocess_for_eval(
+        image_bytes, image_size, resize_size
+    )
+
+
+def _check_label(key, image, label, num_classes):
+    in_range = tf.logical_and(label >= 0, label < num_classes)
+    message = tf.strings.join([
+        "Label ", tf.strings.as_string(label), f" is outside [0, {num_classes}) in ", key,
+    ])
+    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
+        return tf.identity(image), tf.identity(label)
+
+
+class UnreadableFiles:
+    """Which files or records of a pass could not be read or decoded.
+
+    tf.data's `ignore_errors` drops a failing element without saying which.
+    Each key goes into a table before its element is loaded and leaves it once
+    the image exists. Every pass tries every key again, so at the end of a
+    pass the table holds exactly that pass's failures.
+    """
+
+    def __init__(self, description, listed=UNREADABLE_FILES_LISTED):
+        self.description = description
+        self.listed = listed
+        self.table = tf.lookup.experimental.MutableHashTable(
+            key_dtype=tf.string, value_dtype=tf.int64, default_value=0
+        )
+
+    def started(self, key):
+        return self.table.insert(key[None], tf.ones([1], tf.int64))
+
+    def finished(self, key, after):
+        with tf.control_dependencies([after]):
+            return self.table.remove(key[None])
+
+    def keys(self):
+        return self.table.export()[0]
+
+    def report_at_end(self, element_spec):
+        """An empty dataset that, once reached, prints what failed in the pass."""
+
+        def report(*element):
+            del element
+            keys = self.keys()
+            count = tf.size(keys)
+            if count > 0:
+                message = tf.strings.join([
+                    "pipelines: skipped ", tf.strings.as_string(count),
+                    f" unreadable image(s) in this pass of {self.description}, including: ",
+                    tf.strings.reduce_join(keys[:self.listed], separator=", "),
+                ])
+                # A known scalar shape makes tf.print write the string unquoted.
+                tf.print(tf.reshape(message, []), output_stream=sys.stderr)
+            return False
+
+        return _run_once(report, element_spec)
+
+
+def _run_once(predicate, element_spec):
+    """A dataset of no elements that calls `predicate` when it is iterated.
+
+    Concatenated after a pipeline, it runs at the end of every pass: tf.data
+    makes the second part's iterator only when the first is exhausted.
+    """
+    placeholder = tf.nest.map_structure(
+        lambda spec: tf.zeros([1 if dim is None else dim for dim in spec.shape], spec.dtype),
+        element_spec,
+    )
+    return tf.data.Dataset.from_tensors(placeholder).filter(predicate)
