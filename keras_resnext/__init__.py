@@ -31,6 +31,16 @@ from keras_resnext.weights import load_weights  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # TensorFlow-only, so imported on first use: `import keras_resnext` must work
+    # where TensorFlow isn't installed.
+    if name == "export_saved_model":
+        from keras_resnext.export import export_saved_model
+
+        return export_saved_model
+    raise AttributeError(f"module 'keras_resnext' has no attribute {name!r}")
+
 __all__ = [
     "PRESETS",
     "ResNeXt",

@@ -3,19 +3,28 @@
 import functools
 
 
-@functools.lru_cache(maxsize=None)
-def native_grouped_gradient_available():
+def native_grouped_gradient_available(dtype="float32"):
     """Whether TensorFlow can differentiate its native grouped conv here.
 
-    The CPU kernels without oneDNN refuse grouped gradients ("Gradients for
-    grouped convolutions are not supported on CPU"); oneDNN and cuDNN have them.
+    The CPU kernels refuse grouped gradients ("Gradients for grouped
+    convolutions are not supported on CPU") except oneDNN's, which exist for
+    float32 only; cuDNN has them for every dtype.
     """
-    import tensorflow as tf
+    return _gpu_visible() or (_onednn_enabled() and dtype == "float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_enabled():
     from tensorflow.python.util import _pywrap_util_port
 
-    return bool(_pywrap_util_port.IsMklEnabled()) or bool(
-        tf.config.list_physical_devices("GPU")
-    )
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_visible():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
@@ -26,7 +35,7 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
     strides = list(strides)
     dilations = list(dilation_rate)
     kernel = tf.convert_to_tensor(kernel)
-    if native_grouped_gradient_available():
+    if native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name):
         return tf.nn.conv2d(
             inputs, kernel, strides, padding, dilations=dilations
         )
@@ -38,7 +47,8 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
 def _grouped_conv2d_with_split_gradient(x, kernel, strides, padding, dilations):
     """Native grouped forward; backward as one ungrouped backprop per group.
 
-    Used where the native grouped backward is missing (CPU without oneDNN).
+    Used where the native grouped backward is missing: CPU without oneDNN,
+    and half precision on CPU.
     The gradient is plain graph code, not jit-compiled, so exports stay free of
     `_XlaMustCompile`.
     """

@@ -399,21 +399,24 @@ def _skip_everywhere_if_any_nonfinite(gradients):
     # around the all-reduce and hang. Poisoning every replica's gradients
     # when any is non-finite makes all of them skip the step together.
     context = tf.distribute.get_replica_context()
-    finite = tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients]),
-                     tf.float32)
-    finite_everywhere = context.all_reduce(tf.distribute.ReduceOp.MIN, finite)
-    poison = tf.where(finite_everywhere > 0, 0.0, float("nan"))
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+    nonfinite_replicas = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            1.0 - tf.cast(finite, tf.float32))
+    poison = tf.where(nonfinite_replicas > 0, float("nan"), 0.0)
     return [g + tf.cast(poison, g.dtype) for g in gradients]
 
 
-def make_eval_step(model, strategy):
-    """A `tf.function(batch)` returning the float32 sums
-    `[cross-entropy, top-1 correct, top-5 correct, examples]` of a
-    distributed batch (a replica's batch may be empty at the end)."""
+def make_evaluate(model, strategy, distributed_dataset):
+    """A function that evaluates `model` on one pass of `distributed_dataset`
+    and returns its top-1, top-5, mean cross-entropy and example count.
+
+    At the end of a pass some replicas may get empty batches; every example
+    is counted exactly once.
+    """
     num_classes = model.output_shape[-1]
     top_k = min(5, num_classes)
 
-    def replica_step(images, labels):
+    def batch_sums(images, labels):
         logits = tf.cast(model(images, training=False), tf.float32)
         labels = tf.cast(labels, tf.int32)
         losses = per_example_loss(labels, logits, num_classes)
@@ -426,24 +429,29 @@ def make_eval_step(model, strategy):
             tf.cast(tf.shape(labels)[0], tf.float32),
         ])
 
-    @tf.function
+    def replica_step(images, labels):
+        # TF's CPU convolution returns a wrongly shaped tensor for an empty batch.
+        return tf.cond(tf.shape(labels)[0] > 0, lambda: batch_sums(images, labels),
+                       lambda: tf.zeros([4], tf.float32))
+
+    # One trace for full and partial batches alike (and the same collective
+    # keys on every worker).
+    @tf.function(input_signature=[distributed_dataset.element_spec])
     def eval_step(batch):
         per_replica = strategy.run(replica_step, args=batch)
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    return eval_step
+    def evaluate():
+        totals = np.zeros(4, dtype=np.float64)
+        for batch in distributed_dataset:
+            totals += eval_step(batch).numpy()
+        loss_sum, top1, top5, count = totals
+        if count == 0:
+            raise UserError("The validation split yielded no examples.")
+        return dict(loss=loss_sum / count, top1=top1 / count, top5=top5 / count,
+                    num_examples=int(count))
 
-
-def evaluate(eval_step, distributed_dataset):
-    """Top-1, top-5, mean loss and the number of examples over one pass."""
-    totals = np.zeros(4, dtype=np.float64)
-    for batch in distributed_dataset:
-        totals += eval_step(batch).numpy()
-    loss_sum, top1, top5, count = totals
-    if count == 0:
-        raise UserError("The validation split yielded no examples.")
-    return dict(loss=loss_sum / count, top1=top1 / count, top5=top5 / count,
-                num_examples=int(count))
+    return evaluate
 
 
 def make_average_local_state(strategy, variables):
@@ -494,6 +502,18 @@ def _write_atomically(path, text):
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(temporary, path)
+
+
+def _read_metrics(model_dir):
+    try:
+        with open(os.path.join(model_dir, METRICS_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
 
 
 def write_metrics(model_dir, metrics):
@@ -558,10 +578,12 @@ class _Checkpoints:
         latest = tf.train.latest_checkpoint(self.directory)
         if latest is None:
             return None
-        status = self.checkpoint.restore(latest)
         try:
+            status = self.checkpoint.restore(latest)
             status.assert_existing_objects_matched()
-        except AssertionError as error:
+            # save_counter is created on the next save; nothing else is left over.
+            status.expect_partial()
+        except (AssertionError, ValueError) as error:
             raise UserError(
                 f"The checkpoint {latest} does not match this model and optimizer "
                 f"(another architecture or recipe?); use a new --model_dir. ({_first_line(error)})"
@@ -621,22 +643,40 @@ def _distribute(strategy, split, batch_size, repeat):
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+def _sum_over_replicas(strategy, values):
+    """The float64 sum of `values` over all replicas (every worker must call)."""
+    @tf.function
+    def all_reduce():
+        def replica_fn():
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(values, tf.float64))
+        return strategy.run(replica_fn)
+
+    return strategy.experimental_local_results(all_reduce())[0].numpy()
+
+
 def _check_workers_agree(strategy, value, what):
-    """Raise unless every worker holds the same integer `value`."""
+    """Raise unless every worker holds the same number `value`."""
     if strategy.num_replicas_in_sync == 1:
         return
-
-    def replica_fn():
-        context = tf.distribute.get_replica_context()
-        local = tf.constant(float(value))
-        return tf.stack([context.all_reduce("MIN", local), context.all_reduce("MAX", local)])
-
-    low, high = strategy.experimental_local_results(strategy.run(replica_fn))[0].numpy()
-    if low != high:
+    # ReduceOp has no MIN/MAX: values agree iff n * sum(v^2) == sum(v)^2.
+    total, total_squares, count = _sum_over_replicas(
+        strategy, [float(value), float(value) ** 2, 1.0])
+    if count * total_squares != total * total:
         raise UserError(
-            f"Workers disagree on {what} ({int(low)} vs {int(high)}): --model_dir must be "
-            "storage that every worker reads and the chief writes."
+            f"Workers disagree on {what} (this worker: {value}, mean {total / count:g}): "
+            "--model_dir must be storage that every worker reads and the chief writes."
         )
+
+
+def wait_for_all_workers(strategy):
+    """Return once every worker has called this; a no-op with one worker.
+
+    Workers that leave while the chief still writes (an export, say) make
+    the chief's runtime wait on them and report them as crashed.
+    """
+    if worker_info(strategy)[2] > 1:
+        _sum_over_replicas(strategy, [0.0])
 
 
 def train(model_fn, train_split, val_split, config, strategy=None, log=None):
@@ -698,14 +738,14 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
                    for name in ("train", "validation")}
 
     train_loop = make_train_loop(model, optimizer, strategy, config, ema_weights)
-    eval_step = make_eval_step(model, strategy)
     local_state = list(model.non_trainable_weights)
     if ema_weights is not None:
         trainable = {id(w) for w in model.trainable_weights}
         local_state += [e for e, w in zip(ema_weights, model.weights) if id(w) not in trainable]
     average_local_state = make_average_local_state(strategy, local_state)
     train_data = _distribute(strategy, train_split, config.batch_size, repeat=True)
-    val_data = _distribute(strategy, val_split, config.batch_size, repeat=False)
+    evaluate = make_evaluate(
+        model, strategy, _distribute(strategy, val_split, config.batch_size, repeat=False))
     iterator = iter(train_data) if start_epoch < config.epochs else None
 
     ema = _EmaSwap(strategy, model, ema_weights)
@@ -725,7 +765,7 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
         last_epoch = epoch + 1 == config.epochs
         if last_epoch or (config.validation_freq and (epoch + 1) % config.validation_freq == 0):
             with ema:
-                val = evaluate(eval_step, val_data)
+                val = evaluate()
             row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
             say(f"val_loss: {val['loss']:.4f} - val_top1: {val['top1']:.4f} - "
                 f"val_top5: {val['top5']:.4f}", flush=True)
@@ -739,17 +779,20 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     # The final evaluation and the returned model use the EMA weights.
     ema.swap_in()
     if final is None:
-        final = evaluate(eval_step, val_data)
+        final = evaluate()
     say(f"Final evaluation on {final['num_examples']} examples: top1 {final['top1']:.4f} "
         f"- top5 {final['top5']:.4f} - loss {final['loss']:.4f}", flush=True)
+    # A rerun with nothing left to train keeps the training figures it found.
+    previous = _read_metrics(config.model_dir) if not last_train else {}
     metrics = dict(
         epochs_completed=int(completed_epochs.numpy()),
-        top1=final["top1"], top5=final["top5"], loss=final["loss"],
+        top1=float(final["top1"]), top5=float(final["top5"]), loss=float(final["loss"]),
         eval_examples=final["num_examples"],
-        images_per_sec=throughput.images_per_sec(),
+        images_per_sec=throughput.images_per_sec() or previous.get("images_per_sec"),
         num_workers=num_workers, num_replicas=strategy.num_replicas_in_sync,
         global_batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
-        train_loss=last_train.get("loss"), train_top1=last_train.get("top1"),
+        train_loss=_float_or_none(last_train.get("loss", previous.get("train_loss"))),
+        train_top1=_float_or_none(last_train.get("top1", previous.get("train_top1"))),
         weights="ema" if ema_weights is not None else "trained",
     )
     if chief:
@@ -827,7 +870,7 @@ class _Throughput:
             return self.images / self.seconds
         if self.first and self.first[1] > 0:
             return self.first[0] / self.first[1]
-        return 0.0
+        return None
 
 
 def _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch, chief,
@@ -855,18 +898,28 @@ def _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch, chief,
 
 
 def _write_summaries(writers, row, epoch):
-    with writers["train"].as_default(step=epoch):
-        tf.summary.scalar("epoch_loss", row["loss"])
-        tf.summary.scalar("epoch_top1", row["top1"])
-        tf.summary.scalar("learning_rate", row["learning_rate"])
-        tf.summary.scalar("images_per_sec", row["images_per_sec"])
-    writers["train"].flush()
+    _write_scalars(writers["train"], epoch, {
+        "epoch_loss": row["loss"], "epoch_top1": row["top1"],
+        "learning_rate": row["learning_rate"], "images_per_sec": row["images_per_sec"],
+    })
     if "val_top1" in row:
-        with writers["validation"].as_default(step=epoch):
-            tf.summary.scalar("epoch_loss", row["val_loss"])
-            tf.summary.scalar("epoch_top1", row["val_top1"])
-            tf.summary.scalar("epoch_top5", row["val_top5"])
-        writers["validation"].flush()
+        _write_scalars(writers["validation"], epoch, {
+            "epoch_loss": row["val_loss"], "epoch_top1": row["val_top1"],
+            "epoch_top5": row["val_top5"],
+        })
+
+
+def _write_scalars(writer, step, scalars):
+    # tf.summary.scalar needs the tensorboard package; tf.summary.write with
+    # the scalars plugin's metadata writes the same events without it.
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    with writer.as_default(step=step):
+        for tag, value in scalars.items():
+            tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=metadata)
+    writer.flush()
 
 
 def evaluate_model(model, val_split, batch_size, strategy=None):
@@ -874,5 +927,5 @@ def evaluate_model(model, val_split, batch_size, strategy=None):
     `val_split`, across `strategy`'s replicas. Build the model in the
     strategy's scope."""
     strategy = strategy or tf.distribute.get_strategy()
-    eval_step = make_eval_step(model, strategy)
-    return evaluate(eval_step, _distribute(strategy, val_split, batch_size, repeat=False))
+    return make_evaluate(
+        model, strategy, _distribute(strategy, val_split, batch_size, repeat=False))()

@@ -325,7 +325,8 @@ def _checkpoint_from_state_dict(path, state):
 
 def _keras_file_summary(path):
     """The classes of a `.weights.h5`'s classifier (None when it has none) and
-    its number of tensors."""
+    its number of layer tensors. Files saved from a compiled model also hold the
+    optimizer's and metrics' variables outside `layers/`; loading ignores them."""
     import h5py
 
     kernels, tensors = [], []
@@ -342,7 +343,7 @@ def _keras_file_summary(path):
                 f"{path} is an HDF5 file but not a Keras 3 .weights.h5 (no 'layers' "
                 f"group); save weights with Keras 3's model.save_weights(...)."
             )
-        file.visititems(visit)
+        file["layers"].visititems(lambda name, item: visit(f"layers/{name}", item))
     classes = kernels[0][1] if len(kernels) == 1 else None
     return classes, len(tensors)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 
+import keras
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -221,6 +222,21 @@ def test_cifar_weights_h5_loads_into_same_model_and_other_form(cifar_source, tmp
     form_b = kr.ResNeXt29(**CIFAR, classifier_activation=None, block_form="b", weights=path)
     np.testing.assert_allclose(np.asarray(form_b(images, training=False)), outputs,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_form", ["c", "b"])
+def test_weights_h5_saved_after_training_loads(tmp_path, block_form):
+    # A compiled, trained model also saves its optimizer's variables.
+    model = kr.ResNeXt29(**CIFAR, classifier_activation=None)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    images = np.random.default_rng(6).normal(size=(2, 32, 32, 3)).astype("float32")
+    model.train_on_batch(images, np.array([0, 1]))
+    path = str(tmp_path / "trained.weights.h5")
+    model.save_weights(path)
+    loaded = kr.ResNeXt29(**CIFAR, classifier_activation=None, block_form=block_form,
+                          weights=path)
+    np.testing.assert_allclose(np.asarray(loaded(images, training=False)),
+                               np.asarray(model(images, training=False)), rtol=1e-5, atol=1e-5)
 
 
 # Heads ----------------------------------------------------------------------

@@ -1,0 +1,219 @@
+"""SavedModels for TF Serving: encoded images in, top-k classes out.
+
+`export_saved_model(model, base_dir)` writes `base_dir/<version>/`, the
+layout TF Serving polls, with two signatures:
+
+- `serving_default`: `image_bytes` (tf.string [N], JPEG/PNG/GIF/BMP), each
+  decoded and cropped by `keras_resnext.preprocess_for_eval`, the same eval
+  view the datasets use;
+- `serving_preprocessed`: `images` (float32 [N, size, size, 3]), already
+  preprocessed.
+
+Both return `probabilities` [N, classes], `classes` (int32 [N, k]),
+`scores` [N, k] and `class_names` (string [N, k]). The SavedModel also
+records its eval transform: `eval_image_size`, `eval_resize_size`,
+`preprocessing` and `class_names` are variables of the loaded object, and a
+third signature, `metadata`, returns them.
+
+TensorFlow only; `keras_resnext` imports this module on first use of
+`keras_resnext.export_saved_model`, so `import keras_resnext` works without it.
+"""
+
+import os
+import re
+import shutil
+
+import keras
+import tensorflow as tf
+
+from keras_resnext import preprocessing
+from keras_resnext.presets import EVAL_TRANSFORMS
+
+SERVING_SIGNATURE = "serving_default"
+PREPROCESSED_SIGNATURE = "serving_preprocessed"
+METADATA_SIGNATURE = "metadata"
+PREPROCESSING_NAME = "keras_resnext.preprocess_for_eval"
+_VERSION_PATTERN = re.compile(r"^[0-9]+$")
+
+
+def default_eval_transform(model, image_size=None):
+    """`(image_size, resize_size)` of the eval view a model was trained for.
+
+    `image_size` defaults to the model's input size. ImageNet-style models
+    resize the shorter side in §4's proportion (256 for 224); CIFAR-style
+    models (`model.stem == "cifar"`) resize to `image_size` itself, so the
+    crop removes nothing.
+    """
+    if image_size is None:
+        height, width = tuple(model.inputs[0].shape[1:3])
+        if height is None or height != width:
+            raise ValueError(
+                f"Cannot infer the eval image size from the model's input shape "
+                f"{tuple(model.inputs[0].shape)}; pass image_size."
+            )
+        image_size = int(height)
+    if getattr(model, "stem", "imagenet") == "cifar":
+        return image_size, image_size
+    imagenet = EVAL_TRANSFORMS["imagenet"]
+    return image_size, round(image_size * imagenet["resize_size"] / imagenet["image_size"])
+
+
+def default_class_names(num_classes):
+    """ImageNet's names for a 1000-class head, else "0", "1", ..."""
+    classes = preprocessing.imagenet_classes()
+    if num_classes == len(classes):
+        return [name for _, name in classes]
+    return [str(index) for index in range(num_classes)]
+
+
+def next_version(base_dir):
+    """One more than the largest integer-named version folder (1 if none)."""
+    if not os.path.isdir(base_dir):
+        return 1
+    versions = [int(name) for name in os.listdir(base_dir) if _VERSION_PATTERN.match(name)]
+    return max(versions, default=0) + 1
+
+
+def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
+                       image_size=None, resize_size=None):
+    """Write `model` as a TF Serving SavedModel into `base_dir/<version>`.
+
+    Args:
+        model: a Keras image classifier with one image input (channels
+            last) and class scores out; softmax is added unless its
+            `classifier_activation` is already "softmax".
+        base_dir: the folder TF Serving watches (`--model_base_path`).
+        version: an integer; default the next one after those in `base_dir`.
+        top_k: how many classes each image returns (at most the classes).
+        class_names: one name per class; default ImageNet's for 1000
+            classes, else the class indices as strings.
+        image_size, resize_size: the eval crop; default from the model
+            (see `default_eval_transform`).
+
+    The version is written to a temporary folder in `base_dir` and renamed
+    into place, so TF Serving never sees half a model. Returns the path.
+    """
+    if not getattr(model, "include_top", True):
+        raise ValueError("Export needs a classifier: build the model with include_top=True.")
+    num_classes = int(model.outputs[0].shape[-1])
+    class_names = list(class_names) if class_names is not None else default_class_names(num_classes)
+    if len(class_names) != num_classes:
+        raise ValueError(
+            f"The model has {num_classes} classes but {len(class_names)} class names were given."
+        )
+    image_size, default_resize = default_eval_transform(model, image_size)
+    resize_size = int(resize_size or default_resize)
+    if resize_size < image_size:
+        raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
+    top_k = min(int(top_k), num_classes)
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1; got {top_k}.")
+
+    version = next_version(base_dir) if version is None else int(version)
+    if version < 1:
+        raise ValueError(f"TF Serving versions are positive integers; got {version}.")
+    final_path = os.path.join(base_dir, str(version))
+    if os.path.exists(final_path):
+        raise FileExistsError(f"SavedModel version {final_path} already exists.")
+    os.makedirs(base_dir, exist_ok=True)
+
+    module = ServingModule(_float32_copy(model), class_names, image_size, resize_size,
+                            top_k, outputs_probabilities=_outputs_probabilities(model))
+    signatures = {
+        SERVING_SIGNATURE: module.serve_image_bytes.get_concrete_function(),
+        PREPROCESSED_SIGNATURE: module.serve_images.get_concrete_function(),
+        METADATA_SIGNATURE: module.describe.get_concrete_function(),
+    }
+    temporary = os.path.join(base_dir, f".tmp-{version}-{os.getpid()}")
+    try:
+        tf.saved_model.save(
+            module, temporary, signatures=signatures,
+            # Keras' custom gradients are for training; a serving graph without
+            # them loads in TF Serving builds that lack their ops.
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+        )
+        os.rename(temporary, final_path)
+    finally:
+        if os.path.exists(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+    return final_path
+
+
+def _outputs_probabilities(model):
+    activation = getattr(model, "classifier_activation", None)
+    if activation is None:
+        last = model.layers[-1]
+        activation = getattr(getattr(last, "activation", None), "__name__", None)
+    return activation == "softmax"
+
+
+def _float32_copy(model):
+    """A float32 copy of `model` outside any distribution strategy, so the
+    SavedModel holds plain variables and runs anywhere."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = model.__class__.from_config(model.get_config())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+class ServingModule(tf.Module):
+    """The exported object: the model, its eval transform and class names."""
+
+    def __init__(self, model, class_names, image_size, resize_size, top_k,
+                 outputs_probabilities):
+        super().__init__(name="keras_resnext_serving")
+        self.model = model
+        self.top_k = top_k
+        self.outputs_probabilities = outputs_probabilities
+        self.eval_image_size = tf.Variable(image_size, trainable=False, name="eval_image_size")
+        self.eval_resize_size = tf.Variable(resize_size, trainable=False,
+                                            name="eval_resize_size")
+        self.preprocessing = tf.Variable(PREPROCESSING_NAME, trainable=False,
+                                         name="preprocessing")
+        self.class_names = tf.Variable(class_names, dtype=tf.string, trainable=False,
+                                       name="class_names")
+        self._image_size = image_size
+        self._resize_size = resize_size
+        self.serve_image_bytes = tf.function(
+            self._serve_image_bytes,
+            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+        )
+        self.serve_images = tf.function(
+            self._serve_images,
+            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+                                           name="images")],
+        )
+        self.describe = tf.function(self._describe, input_signature=[])
+
+    def _serve_image_bytes(self, image_bytes):
+        images = tf.map_fn(
+            lambda one: preprocessing.preprocess_for_eval(
+                one, self._image_size, self._resize_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec(
+                [self._image_size, self._image_size, 3], tf.float32),
+        )
+        return self._serve_images(images)
+
+    def _serve_images(self, images):
+        scores = tf.cast(self.model(images, training=False), tf.float32)
+        probabilities = scores if self.outputs_probabilities else tf.nn.softmax(scores)
+        top = tf.math.top_k(probabilities, k=self.top_k)
+        return {
+            "probabilities": probabilities,
+            "classes": top.indices,
+            "scores": top.values,
+            "class_names": tf.gather(self.class_names, top.indices),
+        }
+
+    def _describe(self):
+        return {
+            "image_size": tf.identity(self.eval_image_size),
+            "resize_size": tf.identity(self.eval_resize_size),
+            "preprocessing": tf.identity(self.preprocessing),
+            "class_names": tf.identity(self.class_names),
+        }

@@ -1,0 +1,1 @@
+"""Command-line training front ends: `train/imagenet.py` and `train/cifar.py`."""
