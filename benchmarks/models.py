@@ -169,6 +169,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="batches per timed round")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds of rest before each timed round")
     parser.add_argument("--python", default=sys.executable, help="interpreter for ours")
     parser.add_argument("--torch_python", default=sys.executable,
                         help="interpreter with torch + torchvision")
@@ -194,8 +196,13 @@ def main():
         # One mode at a time keeps at most four models in memory.
         workers = [Worker(impl, python, model, mode, args)
                    for impl, python in implementations for model in models]
-        for _ in range(args.repeats):
-            for worker in workers:  # interleaved rounds
+        for round_index in range(args.repeats):
+            # Interleaved rounds, each starting with a different worker, and a
+            # pause before each measurement: PyTorch's OpenMP threads spin for a
+            # while after their work and would slow whoever runs next.
+            shift = round_index % len(workers)
+            for worker in workers[shift:] + workers[:shift]:
+                time.sleep(args.settle)
                 worker.measure(args.steps, args.batch_size)
         for worker in workers:
             worker.close()

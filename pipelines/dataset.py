@@ -4,6 +4,7 @@ import sys
 
 import tensorflow as tf
 
+from keras_resnext.preprocessing import preprocess_input
 from keras_resnext.presets import EVAL_TRANSFORMS
 from pipelines import cifar, imagenet
 from pipelines.sources import open_source
@@ -107,20 +108,25 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
         element_seeds = tf.data.Dataset.random(
             seed=seed, rerandomize_each_iteration=True
         ).batch(2)
-        records = tf.data.Dataset.zip(records, element_seeds).map(
-            lambda record, element_seed: (*record, element_seed)
-        )
+        records = tf.data.Dataset.zip(records, element_seeds)
+        load_element = lambda record, element_seed: load(*record, element_seed)  # noqa: E731
+    else:
+        load_element = load
     examples = records.map(
-        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+        load_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
     ).ignore_errors()
     num_classes = len(opened.class_names)
     examples = examples.map(
-        lambda key, image, label: _check_label(key, image, label, num_classes)
+        lambda key, image, label: _check_label(key, image, label, num_classes),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
     )
     examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
-    dataset = examples.batch(batch_size, drop_remainder=training).prefetch(
-        tf.data.AUTOTUNE
-    )
+    dataset = examples.batch(batch_size, drop_remainder=training)
+    if training and preprocessing == "imagenet":
+        dataset = dataset.map(lambda images, labels: (preprocess_input(images), labels),
+                              num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=deterministic)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options)
@@ -141,7 +147,8 @@ def _preprocess_function(preprocessing, training, image_size, resize_size,
             )
         return lambda image_bytes, seed: cifar.preprocess_for_eval(image_bytes, image_size)
     if training:
-        return lambda image_bytes, seed: imagenet.preprocess_for_train(
+        # Normalised per batch in build_dataset: cheaper than per image.
+        return lambda image_bytes, seed: imagenet.augment_for_train(
             image_bytes, image_size, seed, color_jitter=color_jitter,
             pca_lighting=pca_lighting,
         )
@@ -152,11 +159,16 @@ def _preprocess_function(preprocessing, training, image_size, resize_size,
 
 def _check_label(key, image, label, num_classes):
     in_range = tf.logical_and(label >= 0, label < num_classes)
-    message = tf.strings.join([
-        "Label ", tf.strings.as_string(label), f" is outside [0, {num_classes}) in ", key,
-    ])
-    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
-        return tf.identity(image), tf.identity(label)
+
+    def fail():
+        # Built only on failure: string ops per example would slow every pass.
+        message = tf.strings.join([
+            "Label ", tf.strings.as_string(label), f" is outside [0, {num_classes}) in ", key,
+        ])
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            return tf.identity(label)
+
+    return image, tf.cond(in_range, lambda: label, fail)
 
 
 class UnreadableFiles:

@@ -112,22 +112,33 @@ def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
     `keras_resnext.preprocess_input`. `seed` is a [2] integer tensor for the
     stateless random ops; None draws one.
     """
+    return preprocess_input(augment_for_train(
+        image_bytes, image_size, seed, color_jitter=color_jitter, pca_lighting=pca_lighting
+    ))
+
+
+def augment_for_train(image_bytes, image_size=224, seed=None, *,
+                      color_jitter=False, pca_lighting=False):
+    """`preprocess_for_train` before normalisation: float32 RGB in [0, 255].
+
+    Batched pipelines normalise whole batches, which is cheaper per image.
+    """
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
     crop_seed, flip_seed, jitter_seed, lighting_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=4)
     )
     image = decode_random_crop(image_bytes, crop_seed)
+    # Flip the uint8 crop, before the resize makes it float and larger on average.
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     # Bicubic without antialiasing, as fb.resnet.torch's image.scale; an
     # antialiased resize would add about half to the CPU time of this view.
     image = tf.image.resize(image, [image_size, image_size], method="bicubic")
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if color_jitter:
         image = random_color_jitter(image, jitter_seed)
     if pca_lighting:
         image = random_pca_lighting(image, lighting_seed)
-    image = tf.ensure_shape(image, [image_size, image_size, 3])
-    return preprocess_input(image)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
 def random_color_jitter(image, seed, strength=COLOR_JITTER_STRENGTH):
