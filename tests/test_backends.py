@@ -63,13 +63,19 @@ def test_imports_and_runs_without_tensorflow(python_subprocess, tmp_path):
         backend="jax", form="c", weights=weights, inputs=inputs, outputs=outputs)
     code += (
         "try:\n    import tensorflow\nexcept ImportError:\n    print('blocked ok')\n"
-        "a = kr.reformulate(model, 'a')\n"
-        "print('flops', kr.count_flops(a))\n"
+        "for form in 'ab':\n"
+        "    other = kr.reformulate(model, form)\n"
+        f"    np.save({str(tmp_path)!r} + f'/y_{{form}}.npy',\n"
+        "            keras.ops.convert_to_numpy(other.predict_on_batch(x)))\n"
+        "print('flops', kr.count_flops(other))\n"
         "print(kr.decode_predictions(np.ones((1, 1000)), top=1)[0][0][1])\n"
     )
     result = python_subprocess(code, env={"KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensorflow loaded: False" in result.stdout
+    for form in "ab":  # Fig. 3's forms agree on JAX too
+        np.testing.assert_allclose(np.load(str(tmp_path / f"y_{form}.npy")), expected,
+                                   rtol=1e-4, atol=1e-5)
     assert "blocked ok" in result.stdout
     assert "flops" in result.stdout
     np.testing.assert_allclose(np.load(outputs), expected, rtol=1e-4, atol=1e-5)
