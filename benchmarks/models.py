@@ -27,7 +27,7 @@ MODELS = ("resnext50_32x4d", "resnet50")
 TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50"}
 
 
-def ours_worker(model_name, mode, batch_size, image_size, precision):
+def ours_worker(model_name, mode, batch_size, image_size, precision, device):
     import numpy as np
 
     import keras_resnext as kr  # first: it arranges oneDNN before TF loads
@@ -39,6 +39,9 @@ def ours_worker(model_name, mode, batch_size, image_size, precision):
     rng = np.random.default_rng(0)
     x = rng.uniform(-2, 2, (batch_size, image_size, image_size, 3)).astype("float32")
     y = rng.integers(0, 1000, batch_size)
+    if device == "gpu":
+        # Keep the batch on the device, as torchvision's side does.
+        x, y = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
     if mode == "training":
         model.compile(
             optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
@@ -100,7 +103,7 @@ def serve(args):
     """Worker loop: build once, warm up, then answer 'run N' with seconds."""
     if args.worker == "ours":
         step, version = ours_worker(args.model, args.mode, args.batch_size, args.image_size,
-                                    args.precision)
+                                    args.precision, args.device)
     else:
         device = "cuda" if args.device == "gpu" else "cpu"
         step, version = torchvision_worker(args.model, args.mode, args.batch_size,
