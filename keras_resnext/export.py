@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 
 from keras_resnext import preprocessing
-from keras_resnext.presets import EVAL_TRANSFORMS
+from keras_resnext.presets import default_resize_size
 
 SERVING_SIGNATURE = "serving_default"
 PREPROCESSED_SIGNATURE = "serving_preprocessed"
@@ -54,8 +54,7 @@ def default_eval_transform(model, image_size=None):
         image_size = int(height)
     if getattr(model, "stem", "imagenet") == "cifar":
         return image_size, image_size
-    imagenet = EVAL_TRANSFORMS["imagenet"]
-    return image_size, round(image_size * imagenet["resize_size"] / imagenet["image_size"])
+    return image_size, default_resize_size(image_size)
 
 
 def default_class_names(num_classes):

@@ -119,8 +119,8 @@ class ResNeXt(keras.Model):
 
     @property
     def depth(self):
-        per_block = 3
-        return per_block * sum(self.stage_depths) + 2
+        # Three convolutions per bottleneck, plus the stem and the classifier.
+        return 3 * sum(self.stage_depths) + 2
 
     def get_config(self):
         return {

@@ -37,6 +37,12 @@ EVAL_TRANSFORMS = {
 ARCHITECTURE_KEYS = ("depth", "cardinality", "width")
 
 
+def default_resize_size(image_size):
+    """The ImageNet eval resize for a crop size: 256 for 224, in proportion otherwise."""
+    imagenet = EVAL_TRANSFORMS["imagenet"]
+    return round(image_size * imagenet["resize_size"] / imagenet["image_size"])
+
+
 def build(name, **overrides):
     """Build a preset by name, e.g. `build("resnext50_32x4d", classes=10)`.
 

@@ -5,7 +5,7 @@ import sys
 import tensorflow as tf
 
 from keras_resnext.preprocessing import preprocess_input
-from keras_resnext.presets import EVAL_TRANSFORMS
+from keras_resnext.presets import EVAL_TRANSFORMS, default_resize_size
 from pipelines import cifar, imagenet
 from pipelines.sources import open_source
 
@@ -130,12 +130,6 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options)
-
-
-def default_resize_size(image_size):
-    """The eval resize for a crop size: 256 for 224, in proportion otherwise."""
-    imagenet = EVAL_TRANSFORMS["imagenet"]
-    return round(image_size * imagenet["resize_size"] / imagenet["image_size"])
 
 
 def _preprocess_function(preprocessing, training, image_size, resize_size,

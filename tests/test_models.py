@@ -150,8 +150,9 @@ def test_presets():
     model = kr.build("resnext101_64x4d", include_top=False, input_shape=(64, 64, 3))
     assert model.name == "resnext101_64x4d"
     assert (model.cardinality, model.width, model.stage_depths) == (64, 4, (3, 4, 23, 3))
+    assert model.depth == 101
     same = kr.build("resnext29_16x64d", cardinality=16, classes=100, include_top=False)
-    assert same.cardinality == 16 and same.stem == "cifar"
+    assert same.cardinality == 16 and same.stem == "cifar" and same.depth == 29
     with pytest.raises(ValueError, match="cardinality=32"):
         kr.build("resnext50_32x4d", cardinality=64)
     with pytest.raises(ValueError, match="Known presets"):
