@@ -1,6 +1,31 @@
 """TensorFlow-only kernels. TensorFlow is imported lazily, inside the functions."""
 
+import contextlib
 import functools
+import threading
+
+from keras_resnext import _native
+
+_scope = threading.local()
+# Channels per group where the AVX2 op beats oneDNN (benchmarks/grouped_conv.py).
+NATIVE_GROUP_WIDTHS = (4, 8)
+
+
+@contextlib.contextmanager
+def native_kernels(enabled=True):
+    """Lets grouped convolutions traced inside use the AVX2 op (if `enabled`).
+
+    The op is a library of ours that TF Serving and a bare TensorFlow don't
+    have, so it goes only into graphs that are run here and never saved:
+    Keras' train/test/predict steps (see `ResNeXt`) and the training loop.
+    Eager calls use it too; any other `tf.function` gets TensorFlow's op.
+    """
+    depth = getattr(_scope, "depth", 0)
+    _scope.depth = depth + 1 if enabled else 0
+    try:
+        yield
+    finally:
+        _scope.depth = depth
 
 
 def native_grouped_gradient_available(dtype="float32"):
@@ -28,13 +53,20 @@ def _gpu_visible():
 
 
 def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
-    """NHWC grouped convolution with TensorFlow's native kernel, no XLA."""
+    """NHWC grouped convolution with the AVX2 op where it applies, else
+    TensorFlow's native kernel; never XLA."""
     import tensorflow as tf
 
     padding = padding.upper()
     strides = list(strides)
     dilations = list(dilation_rate)
     kernel = tf.convert_to_tensor(kernel)
+    op = _avx2_op_for(inputs, kernel, strides, dilations)
+    if op is not None:
+        x, pads = _strip_zero_padding(inputs)
+        pads = _add_same_padding(pads, x, strides[0]) if padding == "SAME" else pads
+        if pads is not None:
+            return op(x, kernel, _empty(), _empty(), stride=strides[0], explicit_paddings=pads)
     if native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name):
         return tf.nn.conv2d(
             inputs, kernel, strides, padding, dilations=dilations
@@ -42,6 +74,181 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
     return _grouped_conv2d_with_split_gradient(
         inputs, kernel, strides, padding, dilations
     )
+
+
+def _empty():
+    import tensorflow as tf
+
+    return tf.zeros([0], tf.float32)
+
+
+def _avx2_op_for(x, kernel, strides, dilations):
+    """The AVX2 op if it may and can run this convolution here, else None."""
+    import tensorflow as tf
+
+    if not (tf.executing_eagerly() or getattr(_scope, "depth", 0)):
+        return None
+    kh, kw, group_width, filters = kernel.shape
+    channels = x.shape[-1]
+    if (
+        x.dtype != tf.float32
+        or kernel.dtype != tf.float32
+        or (kh, kw) != (3, 3)
+        or group_width not in NATIVE_GROUP_WIDTHS
+        or filters != channels
+        or filters % 8
+        or strides[0] != strides[1]
+        or strides[0] not in (1, 2)
+        or tuple(dilations) != (1, 1)
+        or _gpu_visible()
+        or _in_xla_context()
+    ):
+        return None
+    return _native.grouped_conv_op()
+
+
+def _in_xla_context():
+    from tensorflow.python.framework import ops
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+def _strip_zero_padding(x):
+    """(x, [0, 0, 0, 0]), or, when x is a graph tensor made by zero-padding H
+    and W only, (the unpadded tensor, [top, bottom, left, right]): the op pads
+    as it reads, so the padded copy is never made."""
+    import tensorflow as tf
+
+    op = getattr(x, "op", None) if not tf.executing_eagerly() else None
+    if op is None or op.type not in ("Pad", "PadV2"):
+        return x, [0, 0, 0, 0]
+    paddings = tf.get_static_value(op.inputs[1])
+    if op.type == "PadV2" and tf.get_static_value(op.inputs[2]) != 0:
+        return x, [0, 0, 0, 0]
+    if paddings is None or paddings.shape != (4, 2) or paddings[0].any() or paddings[3].any():
+        return x, [0, 0, 0, 0]
+    return op.inputs[0], [int(p) for p in paddings[1:3].reshape(-1)]
+
+
+def _add_same_padding(pads, x, stride):
+    sizes = x.shape[1:3]
+    if None in sizes:
+        return None
+    pads = list(pads)
+    for axis, size in enumerate(sizes):
+        size += pads[2 * axis] + pads[2 * axis + 1]
+        total = max((-(-size // stride) - 1) * stride + 3 - size, 0)
+        pads[2 * axis] += total // 2
+        pads[2 * axis + 1] += total - total // 2
+    return pads
+
+
+def fuse_into_conv(x, affine=None, relu=False):
+    """At inference, fold a per-channel `x * scale + offset` (`affine()`
+    gives them) and/or a ReLU that follow an AVX2 grouped conv into that op:
+    one pass over memory instead of three, as grappler does for oneDNN's.
+    None if x isn't such an op's output or already has that part fused."""
+    import tensorflow as tf
+
+    op = getattr(x, "op", None) if not tf.executing_eagerly() else None
+    if op is None or op.type != _native.OP_NAME or op.get_attr("relu"):
+        return None
+    scale, offset = op.inputs[2], op.inputs[3]
+    if affine is not None:
+        if scale.shape.num_elements() != 0:
+            return None
+        scale, offset = affine()
+    elif not relu:
+        return None
+    return _native.grouped_conv_op()(op.inputs[0], op.inputs[1], scale, offset, stride=op.get_attr("stride"),
+                      explicit_paddings=op.get_attr("explicit_paddings"), relu=relu)
+
+
+def avx2_op_gradient(op, dy):
+    import tensorflow as tf
+
+    x, kernel, scale, offset = op.inputs
+    stride = op.get_attr("stride")
+    pads = op.get_attr("explicit_paddings")
+    affine = scale.shape.num_elements() != 0
+    d_scale = d_offset = None
+    if affine or op.get_attr("relu"):
+        # A fused inference graph differentiated (saliency maps, frozen-BN
+        # fine-tuning): recompute the bare convolution.
+        raw = _native.grouped_conv_op()(x, kernel, _empty(), _empty(), stride=stride, explicit_paddings=pads)
+        if op.get_attr("relu"):
+            dy = tf.where(op.outputs[0] > 0, dy, tf.zeros_like(dy))
+        if affine:
+            d_scale = tf.reduce_sum(dy * raw, axis=[0, 1, 2])
+            d_offset = tf.reduce_sum(dy, axis=[0, 1, 2])
+            dy = dy * scale
+    dx, dkernel = _avx2_conv_backprop(x, kernel, dy, stride, pads)
+    return dx, dkernel, d_scale, d_offset
+
+
+def _avx2_conv_backprop(x, kernel, dy, stride, pads):
+    import tensorflow as tf
+
+    groups = x.shape[-1] // kernel.shape[2]
+    padded = tf.pad(x, [[0, 0], pads[0:2], pads[2:4], [0, 0]]) if any(pads) else x
+    if stride == 1 and max(pads) <= 2:
+        # A stride-1 convolution's input gradient is the convolution of dy
+        # with the kernel turned 180 degrees and transposed within each group.
+        k = tf.reshape(kernel, [3, 3, kernel.shape[2], groups, -1])
+        k = tf.reverse(tf.transpose(k, [0, 1, 4, 3, 2]), axis=[0, 1])
+        k = tf.reshape(k, [3, 3, -1, kernel.shape[2] * groups])
+        dx = _native.grouped_conv_op()(dy, k, _empty(), _empty(), stride=1,
+                        explicit_paddings=[2 - p for p in pads])
+    else:
+        dx = _grouped_backprop_input(tf.shape(padded), kernel, dy, [stride] * 2, "VALID",
+                                     [1, 1], groups)
+        dx = _unpad(dx, pads, tf.shape(x))
+    dkernel = _grouped_backprop_filter(padded, kernel, dy, [stride] * 2, "VALID", [1, 1],
+                                       groups)
+    return dx, dkernel
+
+
+def _unpad(padded, pads, shape):
+    import tensorflow as tf
+
+    if not any(pads):
+        return padded
+    return tf.slice(padded, [0, pads[0], pads[2], 0], shape)
+
+
+def _grouped_backprop_input(input_sizes, kernel, dy, strides, padding, dilations, groups):
+    import tensorflow as tf
+
+    strides4, dilations4 = [1, *strides, 1], [1, *dilations, 1]
+    if native_grouped_gradient_available(dy.dtype.name):
+        return tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=input_sizes, filter=kernel, out_backprop=dy, strides=strides4,
+            padding=padding, dilations=dilations4)
+    group_sizes = tf.concat([input_sizes[:3], [input_sizes[3] // groups]], axis=0)
+    return tf.concat([
+        tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=group_sizes, filter=kg, out_backprop=dyg, strides=strides4,
+            padding=padding, dilations=dilations4)
+        for kg, dyg in zip(tf.split(kernel, groups, axis=-1), tf.split(dy, groups, axis=-1))
+    ], axis=-1)
+
+
+def _grouped_backprop_filter(x, kernel, dy, strides, padding, dilations, groups):
+    import tensorflow as tf
+
+    strides4, dilations4 = [1, *strides, 1], [1, *dilations, 1]
+    if native_grouped_gradient_available(dy.dtype.name):
+        return tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=strides4,
+            padding=padding, dilations=dilations4)
+    return tf.concat([
+        tf.raw_ops.Conv2DBackpropFilter(
+            input=xg, filter_sizes=tf.shape(kg), out_backprop=dyg, strides=strides4,
+            padding=padding, dilations=dilations4)
+        for xg, kg, dyg in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1),
+                               tf.split(dy, groups, axis=-1))
+    ], axis=-1)
 
 
 def _grouped_conv2d_with_split_gradient(x, kernel, strides, padding, dilations):
@@ -54,41 +261,17 @@ def _grouped_conv2d_with_split_gradient(x, kernel, strides, padding, dilations):
     """
     import tensorflow as tf
 
-    strides4 = [1, *strides, 1]
-    dilations4 = [1, *dilations, 1]
-
     @tf.custom_gradient
     def conv(x, kernel):
         y = tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
 
         def grad(dy):
             groups = x.shape[-1] // kernel.shape[-2]
-            x_groups = tf.split(x, groups, axis=-1)
-            kernel_groups = tf.split(kernel, groups, axis=-1)
-            dy_groups = tf.split(dy, groups, axis=-1)
-            dx = [
-                tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=tf.shape(xg),
-                    filter=kg,
-                    out_backprop=dyg,
-                    strides=strides4,
-                    padding=padding,
-                    dilations=dilations4,
-                )
-                for xg, kg, dyg in zip(x_groups, kernel_groups, dy_groups)
-            ]
-            dkernel = [
-                tf.raw_ops.Conv2DBackpropFilter(
-                    input=xg,
-                    filter_sizes=tf.shape(kg),
-                    out_backprop=dyg,
-                    strides=strides4,
-                    padding=padding,
-                    dilations=dilations4,
-                )
-                for xg, kg, dyg in zip(x_groups, kernel_groups, dy_groups)
-            ]
-            return tf.concat(dx, axis=-1), tf.concat(dkernel, axis=-1)
+            dx = _grouped_backprop_input(tf.shape(x), kernel, dy, strides, padding,
+                                         dilations, groups)
+            dkernel = _grouped_backprop_filter(x, kernel, dy, strides, padding, dilations,
+                                               groups)
+            return dx, dkernel
 
         return y, grad
 

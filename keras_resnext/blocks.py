@@ -15,7 +15,7 @@ BNs: the forms are the same function in inference and in training mode.
 import keras
 from keras import layers
 
-from keras_resnext.layers import BatchNormalization, GroupConv2D
+from keras_resnext.layers import BatchNormalization, GroupConv2D, ReLU
 
 BN_EPSILON = 1e-5
 # PyTorch's momentum 0.1 in Keras' convention. Keras' default 0.99 leaves the
@@ -58,7 +58,7 @@ def conv_bn(x, filters, kernel_size, stride, name, groups=1, relu=True):
     x = conv(x, filters, kernel_size, stride, name, groups=groups)
     x = batch_norm(f"{name}_bn")(x)
     if relu:
-        x = layers.ReLU(name=f"{name}_relu")(x)
+        x = ReLU(name=f"{name}_relu")(x)
     return x
 
 

@@ -6,8 +6,10 @@ own grouped kernel, and the `_XlaMustCompile` function it leaves in exported
 SavedModels is rejected by TF Serving's GPU builds (tensorflow/serving#2214).
 
 This layer keeps `Conv2D`'s arguments, weights and config, and on TensorFlow
-calls the native grouped kernel (cuDNN on GPU, oneDNN on CPU) directly. On
-JAX and torch it is plain `Conv2D`.
+calls a grouped kernel directly: our AVX2 op (see `_native/`) for 3x3
+convolutions with 4 or 8 channels per group on CPU, where it may run (see
+`_tf_ops.native_kernels`), else TensorFlow's native one (cuDNN on GPU, oneDNN
+on CPU). On JAX and torch it is plain `Conv2D`.
 """
 
 import keras
@@ -46,7 +48,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Keras 3 composes BN from elementwise ops. On TensorFlow this layer calls
     `FusedBatchNormV3` instead: one op forward and one backward, and at
     inference grappler folds it into the preceding convolution (oneDNN's
-    fused conv + BN + ReLU). Moving statistics follow PyTorch: the variance
+    fused conv + BN + ReLU), or this layer folds itself into our AVX2 grouped
+    conv. Moving statistics follow PyTorch: the variance
     they track is the unbiased batch variance. Same arguments, weights and
     config as Keras' layer; other backends and unusual settings (masks,
     renorm, synchronized, axis other than last of 4-D) use Keras' own code.
@@ -62,4 +65,42 @@ class BatchNormalization(keras.layers.BatchNormalization):
             or self.axis not in (-1, 3)
         ):
             return super().call(inputs, training=training, mask=mask)
-        return _tf_ops.fused_batch_norm(self, inputs, bool(training) and self.trainable)
+        training = bool(training) and self.trainable
+        if not training:
+            fused = (
+                _tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
+                if self.compute_dtype == "float32"
+                else None
+            )
+            if fused is not None:
+                return fused
+        return _tf_ops.fused_batch_norm(self, inputs, training)
+
+    def _inference_affine(self):
+        import tensorflow as tf
+
+        inverse_std = tf.math.rsqrt(tf.convert_to_tensor(self.moving_variance) + self.epsilon)
+        scale = inverse_std * self.gamma if self.scale else inverse_std
+        offset = -tf.convert_to_tensor(self.moving_mean) * scale
+        if self.center:
+            offset += self.beta
+        return scale, offset
+
+
+@keras.saving.register_keras_serializable(package="keras_resnext")
+class ReLU(keras.layers.ReLU):
+    """A `keras.layers.ReLU` that, at inference on TensorFlow, folds into the
+    AVX2 grouped convolution before it (with its batch norm). Same arguments
+    and config as Keras' layer."""
+
+    def call(self, inputs):
+        if (
+            keras.backend.backend() == "tensorflow"
+            and self.max_value is None
+            and not self.negative_slope
+            and not self.threshold
+        ):
+            fused = _tf_ops.fuse_into_conv(inputs, relu=True)
+            if fused is not None:
+                return fused
+        return super().call(inputs)

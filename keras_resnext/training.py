@@ -25,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnext import _tf_ops
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("step", "cosine")
 MIXED_PRECISION_POLICIES = {
@@ -357,7 +359,7 @@ def make_train_loop(model, optimizer, strategy, config, ema_weights=None):
     model_weights = model.weights
 
     def replica_step(images, labels):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, _tf_ops.native_kernels():
             logits = model(images, training=True)
             losses = per_example_loss(labels, logits, num_classes, config.label_smoothing)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
@@ -417,7 +419,8 @@ def make_evaluate(model, strategy, distributed_dataset):
     top_k = min(5, num_classes)
 
     def batch_sums(images, labels):
-        logits = tf.cast(model(images, training=False), tf.float32)
+        with _tf_ops.native_kernels():
+            logits = tf.cast(model(images, training=False), tf.float32)
         labels = tf.cast(labels, tf.int32)
         losses = per_example_loss(labels, logits, num_classes)
         best = tf.math.top_k(logits, k=top_k).indices

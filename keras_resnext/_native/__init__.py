@@ -1,0 +1,113 @@
+"""Builds and loads the AVX2 grouped-convolution op (grouped_conv.cc).
+
+The op is compiled on first use against the installed TensorFlow, with the
+system C++ compiler, and cached per source, TensorFlow version and flags:
+
+- cache folder: `$KERAS_RESNEXT_CACHE`, else `~/.cache/keras_resnext`;
+- compiler: `$CXX`, else `c++`;
+- `KERAS_RESNEXT_NATIVE_KERNELS=0` turns the op off.
+
+Where it can't be built (no compiler, no AVX2/FMA, not Linux x86-64) the models
+use TensorFlow's own grouped kernel, after one warning that says why.
+"""
+
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import warnings
+
+SWITCH = "KERAS_RESNEXT_NATIVE_KERNELS"
+OP_NAME = "KerasResnextGroupedConv2D"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = ("grouped_conv.cc", "grouped_conv_kernels.h")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-w")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def enabled():
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_supported():
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma"} <= flags
+    except OSError:
+        return False
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_conv_op():
+    """The op's Python function, or None where it can't be used here."""
+    if not enabled() or not cpu_supported():
+        return None
+    import tensorflow as tf
+
+    try:
+        library = tf.load_op_library(build(tf))
+    except (BuildError, OSError, tf.errors.NotFoundError) as error:
+        warnings.warn(
+            f"keras_resnext: the AVX2 grouped convolution is unavailable ({error}); "
+            f"using TensorFlow's grouped kernel. Set {SWITCH}=0 to skip the build.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    from keras_resnext import _tf_ops
+
+    tf.RegisterGradient(OP_NAME)(_tf_ops.avx2_op_gradient)
+    return library.keras_resnext_grouped_conv2d
+
+
+def cache_dir():
+    return os.environ.get("KERAS_RESNEXT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "keras_resnext"
+    )
+
+
+def build(tf):
+    """Compiles the op for this TensorFlow if not cached; returns the .so path."""
+    compiler = os.environ.get("CXX", "c++")
+    command = [
+        compiler, *_FLAGS, *tf.sysconfig.get_compile_flags(),
+        os.path.join(_HERE, "grouped_conv.cc"),
+        "-o", None,
+        *tf.sysconfig.get_link_flags(),
+    ]
+    key = hashlib.sha256()
+    for name in _SOURCES:
+        with open(os.path.join(_HERE, name), "rb") as f:
+            key.update(f.read())
+    key.update(repr((tf.__version__, tf.__file__, command)).encode())
+    folder = cache_dir()
+    path = os.path.join(folder, f"grouped_conv-{key.hexdigest()[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    # Concurrent builders each write their own file; the rename is atomic.
+    temporary = f"{path}.{os.getpid()}.tmp"
+    command[command.index(None)] = temporary
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BuildError(f"{compiler} exited with {result.returncode}: {last}")
+        os.replace(temporary, path)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError(f"{compiler} failed to run: {error}") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path

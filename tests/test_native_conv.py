@@ -1,0 +1,161 @@
+"""The AVX2 grouped convolution (keras_resnext/_native): values and gradients
+against TensorFlow's grouped kernel, its inference fusions, where models use
+it, and the fallback when it can't be built."""
+
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_resnext as kr
+from keras_resnext import _native, _tf_ops
+
+OP = _native.grouped_conv_op()
+pytestmark = pytest.mark.skipif(OP is None, reason="no AVX2 CPU or no C++ compiler here")
+EMPTY = tf.zeros([0])
+
+
+def reference(x, kernel, stride, pads):
+    padded = tf.pad(x, [[0, 0], pads[0:2], pads[2:4], [0, 0]])
+    return tf.nn.conv2d(padded, kernel, stride, "VALID")
+
+
+def random(shape, seed):
+    return tf.constant(np.random.default_rng(seed).normal(size=shape).astype("float32"))
+
+
+# (channels per group, groups, stride, paddings, height, width): partial
+# tiles, odd sizes, asymmetric and zero padding.
+CASES = [
+    (4, 4, 1, [1, 1, 1, 1], 9, 11),
+    (4, 2, 2, [1, 1, 1, 1], 10, 13),
+    (4, 6, 1, [0, 0, 0, 0], 7, 20),
+    (8, 3, 1, [1, 1, 1, 1], 6, 31),
+    (8, 2, 2, [0, 1, 0, 1], 11, 9),
+    (8, 4, 1, [2, 0, 1, 2], 5, 15),
+]
+
+
+@pytest.mark.parametrize("group_width,groups,stride,pads,height,width", CASES)
+def test_matches_tensorflows_grouped_convolution(group_width, groups, stride, pads, height,
+                                                 width):
+    channels = group_width * groups
+    x = random([2, height, width, channels], 0)
+    kernel = random([3, 3, group_width, channels], 1)
+    expected = reference(x, kernel, stride, pads)
+    got = OP(x, kernel, EMPTY, EMPTY, stride=stride, explicit_paddings=pads)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    scale, offset = random([channels], 2), random([channels], 3)
+    fused = OP(x, kernel, scale, offset, stride=stride, explicit_paddings=pads, relu=True)
+    np.testing.assert_allclose(fused, tf.nn.relu(expected * scale + offset), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("group_width,groups,stride,pads,height,width", CASES[:2] + CASES[3:5])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_match_tensorflows(group_width, groups, stride, pads, height, width, fused):
+    channels = group_width * groups
+    x = random([2, height, width, channels], 4)
+    kernel = random([3, 3, group_width, channels], 5)
+    scale, offset = random([channels], 6), random([channels], 7)
+    dy = random(reference(x, kernel, stride, pads).shape, 8)
+
+    def gradients(function):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel, scale, offset])
+            y = function()
+        return tape.gradient(y, [x, kernel, scale, offset], output_gradients=dy)
+
+    if fused:
+        got = gradients(lambda: OP(x, kernel, scale, offset, stride=stride,
+                                   explicit_paddings=pads, relu=True))
+        expected = gradients(lambda: tf.nn.relu(reference(x, kernel, stride, pads) * scale
+                                                + offset))
+    else:
+        got = gradients(lambda: OP(x, kernel, EMPTY, EMPTY, stride=stride,
+                                   explicit_paddings=pads))[:2]
+        expected = gradients(lambda: reference(x, kernel, stride, pads))[:2]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def small_model():
+    # Groups of 4 and 8 channels (our op) and of 16 (TensorFlow's).
+    model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=5, input_shape=(16, 16, 3))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, kr.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            layer.beta.assign(rng.normal(0, 0.2, layer.beta.shape))
+    return model
+
+
+def op_relu_flags(concrete_function):
+    return [op.get_attr("relu") for op in concrete_function.graph.get_operations()
+            if op.type == _native.OP_NAME]
+
+
+def test_keras_steps_fuse_batch_norm_and_relu_into_the_op_and_other_graphs_do_not_use_it():
+    model = small_model()
+    x = random([3, 16, 16, 3], 9)
+    plain = tf.function(lambda x: model(x, training=False))
+    assert op_relu_flags(plain.get_concrete_function(x)) == []
+    # Two grouped convs use the op; each is emitted bare, with BN, then with
+    # BN and ReLU, and only the last is run.
+    flags = op_relu_flags(tf.function(model.predict_step).get_concrete_function(x))
+    assert sorted(flags) == [False, False, False, False, True, True]
+    np.testing.assert_allclose(model.predict_on_batch(x), plain(x), rtol=1e-5, atol=1e-6)
+    # Eager calls use the op too, unfused.
+    np.testing.assert_allclose(model(x, training=False), plain(x), rtol=1e-5, atol=1e-6)
+    # XLA can't compile it.
+    model.jit_compile = True
+    assert op_relu_flags(tf.function(model.predict_step).get_concrete_function(x)) == []
+
+
+def test_training_gradients_match_tensorflows_kernel():
+    model = small_model()
+    x, labels = random([4, 16, 16, 3], 10), tf.constant([0, 1, 2, 3])
+
+    def gradients(native):
+        with tf.GradientTape() as tape:
+            if native:
+                with _tf_ops.native_kernels():
+                    logits = model(x, training=True)
+            else:
+                logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        return tape.gradient(loss, model.trainable_variables)
+
+    native = tf.function(lambda: gradients(True))
+    # Two forward convs, and the stride-1 one's input gradient.
+    assert op_relu_flags(native.get_concrete_function()) == [False, False, False]
+    for got, expected in zip(native(), tf.function(lambda: gradients(False))()):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_switch_and_failed_build_fall_back_to_tensorflows_kernel(python_subprocess, tmp_path):
+    code = textwrap.dedent("""
+        import warnings
+        import numpy as np
+        import keras_resnext as kr
+        from keras_resnext import _native
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op = _native.grouped_conv_op()
+        model = kr.ResNeXt29(depth=11, cardinality=2, width=4, input_shape=(16, 16, 3))
+        model.predict_on_batch(np.zeros([1, 16, 16, 3], "float32"))
+        print("OP", op is None, [str(w.message) for w in caught])
+    """)
+    off = python_subprocess(code, env={_native.SWITCH: "0"})
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert "OP True []" in off.stdout
+    broken = python_subprocess(code, env={"CXX": str(tmp_path / "no-such-compiler"),
+                                          "KERAS_RESNEXT_CACHE": str(tmp_path / "cache")})
+    assert broken.returncode == 0, broken.stderr[-2000:]
+    assert "OP True" in broken.stdout
+    assert "no-such-compiler failed to run" in broken.stdout
