@@ -59,8 +59,8 @@ def per_shape(op, args):
 
         @tf.function
         def ours(x):
-            return op(x, kernel, scale * tf.math.rsqrt(variance + 1e-5),
-                      offset - mean * scale * tf.math.rsqrt(variance + 1e-5), stride=stride,
+            folded_scale = scale * tf.math.rsqrt(variance + 1e-5)
+            return op(x, kernel, folded_scale, offset - mean * folded_scale, stride=stride,
                       explicit_paddings=[1, 1, 1, 1], relu=True)
 
         @tf.function

@@ -61,12 +61,11 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
     strides = list(strides)
     dilations = list(dilation_rate)
     kernel = tf.convert_to_tensor(kernel)
-    op = _avx2_op_for(inputs, kernel, strides, dilations)
-    if op is not None:
+    if _avx2_op_applies(inputs, kernel, strides, dilations):
         x, pads = _strip_zero_padding(inputs)
         pads = _add_same_padding(pads, x, strides[0]) if padding == "SAME" else pads
         if pads is not None:
-            return op(x, kernel, _empty(), _empty(), stride=strides[0], explicit_paddings=pads)
+            return _avx2_conv(x, kernel, strides[0], pads)
     if native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name):
         return tf.nn.conv2d(
             inputs, kernel, strides, padding, dilations=dilations
@@ -76,18 +75,22 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
     )
 
 
-def _empty():
+def _avx2_conv(x, kernel, stride, pads, scale=None, offset=None, relu=False):
+    """The AVX2 op; without scale and offset it applies no affine map."""
     import tensorflow as tf
 
-    return tf.zeros([0], tf.float32)
+    if scale is None:
+        scale = offset = tf.zeros([0], tf.float32)
+    return _native.grouped_conv_op()(x, kernel, scale, offset, stride=stride,
+                                     explicit_paddings=pads, relu=relu)
 
 
-def _avx2_op_for(x, kernel, strides, dilations):
-    """The AVX2 op if it may and can run this convolution here, else None."""
+def _avx2_op_applies(x, kernel, strides, dilations):
+    """Whether the AVX2 op may and can run this convolution here."""
     import tensorflow as tf
 
     if not (tf.executing_eagerly() or getattr(_scope, "depth", 0)):
-        return None
+        return False
     kh, kw, group_width, filters = kernel.shape
     channels = x.shape[-1]
     if (
@@ -103,8 +106,8 @@ def _avx2_op_for(x, kernel, strides, dilations):
         or _gpu_visible()
         or _in_xla_context()
     ):
-        return None
-    return _native.grouped_conv_op()
+        return False
+    return _native.grouped_conv_op() is not None
 
 
 def _in_xla_context():
@@ -161,8 +164,8 @@ def fuse_into_conv(x, affine=None, relu=False):
         scale, offset = affine()
     elif not relu:
         return None
-    return _native.grouped_conv_op()(op.inputs[0], op.inputs[1], scale, offset, stride=op.get_attr("stride"),
-                      explicit_paddings=op.get_attr("explicit_paddings"), relu=relu)
+    return _avx2_conv(op.inputs[0], op.inputs[1], op.get_attr("stride"),
+                      op.get_attr("explicit_paddings"), scale, offset, relu=relu)
 
 
 def avx2_op_gradient(op, dy):
@@ -176,7 +179,7 @@ def avx2_op_gradient(op, dy):
     if affine or op.get_attr("relu"):
         # A fused inference graph differentiated (saliency maps, frozen-BN
         # fine-tuning): recompute the bare convolution.
-        raw = _native.grouped_conv_op()(x, kernel, _empty(), _empty(), stride=stride, explicit_paddings=pads)
+        raw = _avx2_conv(x, kernel, stride, pads)
         if op.get_attr("relu"):
             dy = tf.where(op.outputs[0] > 0, dy, tf.zeros_like(dy))
         if affine:
@@ -198,8 +201,7 @@ def _avx2_conv_backprop(x, kernel, dy, stride, pads):
         k = tf.reshape(kernel, [3, 3, kernel.shape[2], groups, -1])
         k = tf.reverse(tf.transpose(k, [0, 1, 4, 3, 2]), axis=[0, 1])
         k = tf.reshape(k, [3, 3, -1, kernel.shape[2] * groups])
-        dx = _native.grouped_conv_op()(dy, k, _empty(), _empty(), stride=1,
-                        explicit_paddings=[2 - p for p in pads])
+        dx = _avx2_conv(dy, k, 1, [2 - p for p in pads])
     else:
         dx = _grouped_backprop_input(tf.shape(padded), kernel, dy, [stride] * 2, "VALID",
                                      [1, 1], groups)
