@@ -1,8 +1,8 @@
 """Our AVX2 grouped convolution against TensorFlow's (oneDNN).
 
-1. Per shape: the grouped 3x3s with 4 or 8 channels per group (the ones the op
-   serves; at 16 and 32 oneDNN was as fast or faster), as each runs in the model
-   at inference: ours with batch norm and ReLU fused into the op, TensorFlow's
+1. Per shape: every grouped 3x3 of ResNeXt-50 32x4d (4, 8, 16 and 32 channels
+   per group, stride 1 and 2) and ResNeXt-101 64x4d's first, as each runs in the
+   model at inference: ours with batch norm and ReLU fused into the op, TensorFlow's
    as pad -> conv -> FusedBatchNormV3 -> ReLU, which grappler fuses into one
    oneDNN op. Interleaved rounds, medians.
 2. Whole ResNeXt-50 32x4d, inference and a training step (SGD), the same model
@@ -24,9 +24,10 @@ import tensorflow as tf
 
 from keras_resnext import _native, _tf_ops
 
-# (input size, channels, channels per group, stride) of ResNeXt-50 32x4d's conv2s
-# with 4 or 8 channels per group, and of ResNeXt-101 64x4d's first stage.
-SHAPES = [(56, 128, 4, 1), (56, 256, 8, 2), (28, 256, 8, 1), (56, 256, 4, 1)]
+# (input size, channels, channels per group, stride) of ResNeXt-50 32x4d's grouped
+# convolutions, then of ResNeXt-101 64x4d's first stage.
+SHAPES = [(56, 128, 4, 1), (56, 256, 8, 2), (28, 256, 8, 1), (28, 512, 16, 2), (14, 512, 16, 1),
+          (14, 1024, 32, 2), (7, 1024, 32, 1), (56, 256, 4, 1)]
 
 
 def main():

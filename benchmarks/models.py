@@ -3,7 +3,8 @@ torchvision's when it is importable.
 
 Each (implementation, model, mode) lives in its own worker process, built once;
 the script then interleaves timed rounds across the workers (two shared cores
-are noisy) and reports medians and the ratios of issue 6:
+are noisy) and reports medians and the ratios of issue 6, each the median of
+the ratios within rounds:
 
     ours ResNeXt-50 / torchvision ResNeXt-50   (inference, training)
     ours ResNeXt-50 time / ours ResNet-50 time (cost of cardinality)
@@ -156,7 +157,10 @@ class Worker:
 
 
 def torchvision_available(python):
-    probe = subprocess.run([python, "-c", "import torchvision"], capture_output=True)
+    try:
+        probe = subprocess.run([python, "-c", "import torchvision"], capture_output=True)
+    except OSError:  # no such interpreter
+        return False
     return probe.returncode == 0
 
 
@@ -221,19 +225,28 @@ def main():
         print(f"{impl:<15}{model:<18}{mode:<11}{r['median']:>8.2f}   {rounds}")
     for impl, _ in implementations:
         print(f"{impl}: {results[(impl, models[0], modes[0])]['version']}")
+    # Each ratio is the median over rounds of the ratio within the round: the
+    # two workers of a round ran seconds apart, so the minutes-long drifts in
+    # this machine's speed cancel. The ratio of the medians is printed beside it.
     ratios = {}
+    print("\nratio: median of per-round ratios (quartiles) | ratio of medians")
     for mode in modes:
         ours = results.get(("ours", "resnext50_32x4d", mode))
         theirs = results.get(("torchvision", "resnext50_32x4d", mode))
         resnet = results.get(("ours", "resnet50", mode))
+        pairs = {}
         if ours and theirs:
-            ratios[f"{mode}: ours / torchvision (ResNeXt-50)"] = ours["median"] / theirs["median"]
+            pairs[f"{mode}: ours / torchvision (ResNeXt-50)"] = (ours, theirs)
         if ours and resnet:
             # Time per batch of ResNeXt over ResNet = inverse ratio of rates.
-            ratios[f"{mode}: cost of cardinality (ResNeXt-50 / ResNet-50 time)"] = (
-                resnet["median"] / ours["median"])
-    for label, value in ratios.items():
-        print(f"{label}: {value:.2f}x")
+            pairs[f"{mode}: cost of cardinality (ResNeXt-50 / ResNet-50 time)"] = (resnet, ours)
+        for label, (numerator, denominator) in pairs.items():
+            per_round = [a / b for a, b in zip(numerator["rates"], denominator["rates"])]
+            quartiles = statistics.quantiles(per_round, n=4)
+            ratios[label] = dict(paired=statistics.median(per_round), quartiles=quartiles,
+                                 of_medians=numerator["median"] / denominator["median"])
+            print(f"{label}: {ratios[label]['paired']:.2f}x ({quartiles[0]:.2f}-"
+                  f"{quartiles[2]:.2f}) | {ratios[label]['of_medians']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": {"|".join(k): v for k, v in results.items()},

@@ -8,7 +8,7 @@ from keras_resnext import _native
 
 _scope = threading.local()
 # Channels per group where the AVX2 op beats oneDNN (benchmarks/grouped_conv.py).
-NATIVE_GROUP_WIDTHS = (4, 8)
+NATIVE_GROUP_WIDTHS = (4, 8, 16, 32)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ SavedModels is rejected by TF Serving's GPU builds (tensorflow/serving#2214).
 
 This layer keeps `Conv2D`'s arguments, weights and config, and on TensorFlow
 calls a grouped kernel directly: our AVX2 op (see `_native/`) for 3x3
-convolutions with 4 or 8 channels per group on CPU, where it may run (see
+convolutions with 4, 8, 16 or 32 channels per group on CPU, where it may run (see
 `_tf_ops.native_kernels`), else TensorFlow's native one (cuDNN on GPU, oneDNN
 on CPU). On JAX and torch it is plain `Conv2D`.
 """

@@ -44,6 +44,10 @@ CASES = [
     (8, 3, 1, [1, 1, 1, 1], 6, 31),
     (8, 2, 2, [0, 1, 0, 1], 11, 9),
     (8, 4, 1, [2, 0, 1, 2], 5, 15),
+    (16, 2, 1, [1, 1, 1, 1], 7, 7),
+    (16, 3, 2, [1, 1, 1, 1], 14, 15),
+    (32, 2, 1, [1, 1, 1, 1], 7, 13),
+    (32, 2, 2, [0, 1, 0, 1], 9, 14),
 ]
 
 
@@ -64,7 +68,8 @@ def test_matches_tensorflows_grouped_convolution(group_width, groups, stride, pa
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("group_width,groups,stride,pads,height,width", CASES[:2] + CASES[3:5])
+@pytest.mark.parametrize("group_width,groups,stride,pads,height,width",
+                         CASES[:2] + CASES[3:5] + CASES[6:9])
 @pytest.mark.parametrize("fused", [False, True])
 def test_gradients_match_tensorflows(group_width, groups, stride, pads, height, width, fused):
     channels = group_width * groups
@@ -93,7 +98,7 @@ def test_gradients_match_tensorflows(group_width, groups, stride, pads, height, 
 
 
 def small_model():
-    # Groups of 4 and 8 channels (our op) and of 16 (TensorFlow's).
+    # Groups of 4, 8 and 16 channels, stride 1 then 2 and 2.
     model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=5, input_shape=(16, 16, 3))
     rng = np.random.default_rng(0)
     for layer in model.layers:
@@ -115,10 +120,10 @@ def test_keras_steps_fuse_batch_norm_and_relu_into_the_op_and_other_graphs_do_no
     x = random([3, 16, 16, 3], 9)
     plain = tf.function(lambda x: model(x, training=False))
     assert op_relu_flags(plain.get_concrete_function(x)) == []
-    # Two grouped convs use the op; each is emitted bare, with BN, then with
-    # BN and ReLU, and only the last is run.
+    # Each of the three grouped convs is emitted bare, with BN, then with BN
+    # and ReLU, and only the last is run.
     flags = op_relu_flags(tf.function(model.predict_step).get_concrete_function(x))
-    assert sorted(flags) == [False, False, False, False, True, True]
+    assert sorted(flags) == [False] * 6 + [True] * 3
     np.testing.assert_allclose(model.predict_on_batch(x), plain(x), rtol=1e-5, atol=1e-6)
     # Eager calls use the op too, unfused.
     np.testing.assert_allclose(model(x, training=False), plain(x), rtol=1e-5, atol=1e-6)
@@ -142,8 +147,8 @@ def test_training_gradients_match_tensorflows_kernel():
         return tape.gradient(loss, model.trainable_variables)
 
     native = tf.function(lambda: gradients(True))
-    # Two forward convs, and the stride-1 one's input gradient.
-    assert op_relu_flags(native.get_concrete_function()) == [False, False, False]
+    # Three forward convs, and the stride-1 one's input gradient.
+    assert op_relu_flags(native.get_concrete_function()) == [False] * 4
     for got, expected in zip(native(), tf.function(lambda: gradients(False))()):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 

@@ -86,7 +86,9 @@ class GroupedConv2DOp : public OpKernel {
                 errors::InvalidArgument("unsupported channels per group: ", s.cg));
     s.stride = stride_;
     s.pad_top = pads_[0];
+    s.pad_bottom = pads_[1];
     s.pad_left = pads_[2];
+    s.pad_right = pads_[3];
     s.ho = (s.h + pads_[0] + pads_[1] - 3) / stride_ + 1;
     s.wo = (s.w + pads_[2] + pads_[3] - 3) / stride_ + 1;
     OP_REQUIRES(ctx, s.ho > 0 && s.wo > 0, errors::InvalidArgument("empty output"));
@@ -116,7 +118,9 @@ class GroupedConv2DOp : public OpKernel {
     const int64_t cost = static_cast<int64_t>(s.wo) * s.cout * 9 * s.cg;
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     Shard(workers->NumThreads(), workers, rows, cost, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) row(s, x, wp, y, r / s.ho, r % s.ho);
+      thread_local RowRing ring;
+      ring.prepare(s);
+      for (int64_t r = begin; r < end; ++r) row(s, ring, x, wp, y, r / s.ho, r % s.ho);
     });
   }
 

@@ -1,122 +1,191 @@
-// Microkernels for NHWC 3x3 grouped convolutions with 4 or 8 channels per
-// group, for CPUs with AVX2 and FMA. oneDNN runs these shapes (ResNeXt's
-// first two stages) at 7-18 GMAC/s on a 2-core Zen 3; these keep a tile of
-// outputs in registers and reach 33-43 GMAC/s per core on cached data
-// (benchmarks/grouped_conv.py has the in-model comparison). From 16 channels
-// per group on, oneDNN's kernels are as fast or faster, so they stay in use.
+// Microkernels for NHWC 3x3 grouped convolutions with 4, 8, 16 or 32 channels
+// per group, for CPUs with AVX2 and FMA.
 //
-// Each output row is split into tiles of T pixels. For every tile and group,
-// the 3 x IC input window (zero where it falls into the padding) is copied into
-// a small contiguous buffer, so the kernels address it with constant offsets.
-// An optional per-channel affine map (inference batch norm) and ReLU are
-// applied before the store.
+// Each thread walks its range of output rows. The three input rows an output
+// row needs are kept in a small ring, zero-padded and regrouped channel block
+// by channel block ([block][padded width][block channels]), so one copy of each
+// input row serves every output row that reads it, and the kernels address a
+// block's window with compile-time offsets. For each block, the output row is
+// cut into tiles of at most T pixels whose sums stay in registers; an optional
+// per-channel affine map (inference batch norm) and ReLU are applied before the
+// store.
 
 #pragma once
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 namespace {
 
 struct Conv {
   int n, h, w, c;  // input, NHWC, unpadded
   int cout, cg, groups;
-  int stride, pad_top, pad_left;
+  int stride, pad_top, pad_bottom, pad_left, pad_right;
   int ho, wo;
-  const float* scale;   // nullptr: no affine map
+  const float* scale;  // nullptr: no affine map
   const float* offset;
   bool relu;
 };
 
-template <int IC, int CW>
-inline void pack_window(const Conv& s, const float* x, int n, int ih0, int iw0,
-                        int ch0, float* buf) {
-  for (int kh = 0; kh < 3; ++kh) {
-    const int ih = ih0 + kh;
-    float* dst = buf + kh * IC * CW;
-    if (ih < 0 || ih >= s.h) {
-      for (int i = 0; i < IC * CW; i += 8) _mm256_store_ps(dst + i, _mm256_setzero_ps());
-      continue;
+// Channels per block of the regrouped rows: one group, or two groups of 4.
+inline int block_width(int cg) { return cg < 8 ? 8 : cg; }
+
+class RowRing {
+ public:
+  ~RowRing() { std::free(buffer_); }
+
+  // Called at the start of each range of rows: the input tensor may differ.
+  void prepare(const Conv& s) {
+    const int64_t width = static_cast<int64_t>(s.w) + s.pad_left + s.pad_right;
+    const int64_t floats = width * s.c;
+    if (floats * 3 > capacity_) {
+      std::free(buffer_);
+      capacity_ = floats * 3;
+      buffer_ = static_cast<float*>(std::aligned_alloc(64, ((capacity_ * 4 + 63) / 64) * 64));
+      layout_ = {-1, -1, -1, -1};
     }
-    const float* row = x + (static_cast<int64_t>(n) * s.h + ih) * s.w * s.c + ch0;
-    for (int ic = 0; ic < IC; ++ic) {
-      const int iw = iw0 + ic;
-      float* d = dst + ic * CW;
-      if (iw < 0 || iw >= s.w) {
-#pragma GCC unroll 8
-        for (int i = 0; i < CW; i += 8) _mm256_store_ps(d + i, _mm256_setzero_ps());
-      } else {
-        const float* src = row + static_cast<int64_t>(iw) * s.c;
-#pragma GCC unroll 8
-        for (int i = 0; i < CW; i += 8) _mm256_store_ps(d + i, _mm256_loadu_ps(src + i));
+    const std::array<int64_t, 4> layout = {width, s.c, s.pad_left, block_width(s.cg)};
+    if (layout != layout_) {
+      // Padding columns are written only here; row copies leave them zero.
+      std::memset(buffer_, 0, floats * 3 * sizeof(float));
+      layout_ = layout;
+    }
+    slot_floats_ = floats;
+    tags_ = {-1, -1, -1};
+  }
+
+  // Row ih (padded coordinates: ih + pad_top) of image n, regrouped.
+  const float* row(const Conv& s, const float* x, int n, int padded_ih) {
+    const int slot = padded_ih % 3;
+    const int64_t tag = static_cast<int64_t>(n) * (s.h + s.pad_top + s.pad_bottom) + padded_ih;
+    float* dst = buffer_ + slot * slot_floats_;
+    if (tags_[slot] == tag) return dst;
+    tags_[slot] = tag;
+    const int ih = padded_ih - s.pad_top;
+    const int bw = block_width(s.cg);
+    const int64_t width = layout_[0];
+    const int blocks = s.c / bw;
+    if (ih < 0 || ih >= s.h) {
+      std::memset(dst, 0, slot_floats_ * sizeof(float));
+      return dst;
+    }
+    const float* src = x + (static_cast<int64_t>(n) * s.h + ih) * s.w * s.c;
+    for (int iw = 0; iw < s.w; ++iw) {
+      const float* p = src + static_cast<int64_t>(iw) * s.c;
+      float* q = dst + static_cast<int64_t>(iw + s.pad_left) * bw;
+      for (int b = 0; b < blocks; ++b) {
+        for (int i = 0; i < bw; i += 8) {
+          _mm256_store_ps(q + b * width * bw + i, _mm256_loadu_ps(p + b * bw + i));
+        }
       }
     }
+    return dst;
   }
-}
 
-// 4 input and 4 output channels per group: one vector of 8 output channels
-// covers 2 groups, and each input channel reaches its group's outputs through
-// an in-lane broadcast. wp: this block's weights as [kh][kw][j][8].
+ private:
+  float* buffer_ = nullptr;
+  int64_t capacity_ = 0;
+  int64_t slot_floats_ = 0;
+  std::array<int64_t, 4> layout_ = {-1, -1, -1, -1};
+  std::array<int64_t, 3> tags_ = {-1, -1, -1};
+};
+
+struct Epilogue {
+  const float* scale;
+  const float* offset;
+  bool relu;
+
+  inline void store(float* y, __m256 a, int ch) const {
+    if (scale != nullptr) {
+      a = _mm256_fmadd_ps(a, _mm256_loadu_ps(scale + ch), _mm256_loadu_ps(offset + ch));
+    }
+    if (relu) a = _mm256_max_ps(a, _mm256_setzero_ps());
+    _mm256_storeu_ps(y + ch, a);
+  }
+};
+
+// Arguments of one tile: the block's three input rows at the tile's first
+// window pixel, the block's packed weights, and the output at the tile's first
+// pixel (pixel stride ys floats), channel ch.
+struct Tile {
+  const float* rows[3];
+  const float* weights;
+  float* y;
+  int64_t ys;
+  int ch;
+};
+
+// 4 channels per group: a vector of 8 channels holds two groups, one per
+// 128-bit lane. Rotating the input within each lane by r = 0..3 lines input
+// channel (o + r) % 4 up with output o, so every input pixel is loaded and
+// rotated once and then feeds up to three output pixels.
+// Weights: [kh][kw][r][8].
 template <int S, int T>
-__attribute__((noinline)) void tile_cg4(const float* __restrict xb,
-                                        const float* __restrict wp,
-                                        float* __restrict out) {
-  constexpr int IC = (T - 1) * S + 3;
+__attribute__((noinline)) void tile_cg4(const Tile& tile, const Epilogue& e) {
+  constexpr int P = (T - 1) * S + 3;
   __m256 acc[T];
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
 #pragma GCC unroll 1
   for (int kh = 0; kh < 3; ++kh) {
+    const float* xr = tile.rows[kh];
+    const float* wk = tile.weights + kh * 96;
+#pragma GCC unroll 32
+    for (int p = 0; p < P; ++p) {
+      // Keeps the 12 weight vectors as memory operands of the FMAs: hoisted
+      // into registers they would push the sums out to the stack.
+      asm("" : "+r"(wk));
+      const __m256 x0 = _mm256_load_ps(xr + p * 8);
+      const __m256 x1 = _mm256_permute_ps(x0, 0x39);
+      const __m256 x2 = _mm256_permute_ps(x0, 0x4E);
+      const __m256 x3 = _mm256_permute_ps(x0, 0x93);
 #pragma GCC unroll 3
-    for (int kw = 0; kw < 3; ++kw) {
-      const float* w = wp + (kh * 3 + kw) * 32;
-      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8),
-                   w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
-      const float* xk = xb + (kh * IC + kw) * 8;
-#pragma GCC unroll 16
-      for (int t = 0; t < T; ++t) {
-        const __m256 xv = _mm256_load_ps(xk + t * S * 8);
-        acc[t] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0x00), w0, acc[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0x55), w1, acc[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0xAA), w2, acc[t]);
-        acc[t] = _mm256_fmadd_ps(_mm256_permute_ps(xv, 0xFF), w3, acc[t]);
+      for (int kw = 0; kw < 3; ++kw) {
+        const int d = p - kw;
+        if (d < 0 || d % S != 0 || d / S >= T) continue;
+        const int t = d / S;
+        const float* w = wk + kw * 32;
+        acc[t] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w), acc[t]);
+        acc[t] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + 8), acc[t]);
+        acc[t] = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w + 16), acc[t]);
+        acc[t] = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w + 24), acc[t]);
       }
     }
   }
 #pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) _mm256_store_ps(out + t * 8, acc[t]);
+  for (int t = 0; t < T; ++t) e.store(tile.y + t * tile.ys, acc[t], tile.ch);
 }
 
-// CG input and CG = 8V output channels per group: broadcast one input
-// channel, multiply by V weight vectors. wp: the group's weights [kh][kw][j][8V].
-// T * V accumulators stay within AVX2's 16 registers.
+// CG = 8 or more channels per group, V output vectors per pass: broadcast one
+// input channel, multiply by V weight vectors. Weights: [kh][kw][j][8V].
 template <int S, int T, int CG, int V>
-__attribute__((noinline)) void tile_bcast(const float* __restrict xb,
-                                          const float* __restrict wp,
-                                          float* __restrict out) {
-  constexpr int IC = (T - 1) * S + 3;
+__attribute__((noinline)) void tile_bcast(const Tile& tile, const Epilogue& e) {
   __m256 acc[T][V];
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
-#pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_ps();
 #pragma GCC unroll 1
   for (int kh = 0; kh < 3; ++kh) {
 #pragma GCC unroll 3
     for (int kw = 0; kw < 3; ++kw) {
-      const float* xk = xb + (kh * IC + kw) * CG;
-      const float* wk = wp + (kh * 3 + kw) * CG * V * 8;
-#pragma GCC unroll 2
+      const float* xk = tile.rows[kh] + kw * CG;
+      const float* wk = tile.weights + (kh * 3 + kw) * CG * V * 8;
+#pragma GCC unroll 4
       for (int j = 0; j < CG; ++j) {
         __m256 wv[V];
-#pragma GCC unroll 8
+#pragma GCC unroll 4
         for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(wk + j * V * 8 + v * 8);
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) {
           const __m256 b = _mm256_broadcast_ss(xk + t * S * CG + j);
-#pragma GCC unroll 8
+#pragma GCC unroll 4
           for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(b, wv[v], acc[t][v]);
         }
       }
@@ -124,85 +193,105 @@ __attribute__((noinline)) void tile_bcast(const float* __restrict xb,
   }
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) _mm256_store_ps(out + (t * V + v) * 8, acc[t][v]);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) e.store(tile.y + t * tile.ys, acc[t][v], tile.ch + v * 8);
 }
 
-inline void store(const Conv& s, float* y, const float* acc, int ch) {
-  __m256 a = _mm256_load_ps(acc);
-  if (s.scale != nullptr) {
-    a = _mm256_fmadd_ps(a, _mm256_loadu_ps(s.scale + ch), _mm256_loadu_ps(s.offset + ch));
-  }
-  if (s.relu) a = _mm256_max_ps(a, _mm256_setzero_ps());
-  _mm256_storeu_ps(y + ch, a);
-}
+using TileFn = void (*)(const Tile&, const Epilogue&);
 
-// Packs TF-layout weights [3][3][cg][cout] into the order the tiles read.
-void pack_weights(const Conv& s, const float* w, float* packed) {
-  if (s.cg == 4) {  // [cout / 8][kh][kw][j][8]
-    for (int cb = 0; cb < s.cout / 8; ++cb)
-      for (int k = 0; k < 9; ++k)
-        for (int j = 0; j < 4; ++j)
-          for (int l = 0; l < 8; ++l)
-            packed[((cb * 9 + k) * 4 + j) * 8 + l] = w[(k * 4 + j) * s.cout + cb * 8 + l];
-  } else {  // [g][kh][kw][j][cg]
-    for (int g = 0; g < s.groups; ++g)
-      for (int k = 0; k < 9; ++k)
-        for (int j = 0; j < s.cg; ++j)
-          for (int o = 0; o < s.cg; ++o)
-            packed[((static_cast<int64_t>(g) * 9 + k) * s.cg + j) * s.cg + o] =
-                w[(static_cast<int64_t>(k) * s.cg + j) * s.cout + g * s.cg + o];
-  }
+// Kernels for tiles of 1..T pixels, so a row splits into even tiles.
+template <template <int> class K, int... Ts>
+constexpr std::array<TileFn, sizeof...(Ts) + 1> tile_table(std::integer_sequence<int, Ts...>) {
+  return {nullptr, &K<Ts + 1>::run...};
 }
 
 template <int S>
-void row_cg4(const Conv& s, const float* x, const float* packed, float* y, int n, int oh) {
-  constexpr int T = 8, IC = (T - 1) * S + 3;
-  alignas(32) float xb[3 * IC * 8];
-  alignas(32) float acc[T * 8];
-  float* yrow = y + (static_cast<int64_t>(n) * s.ho + oh) * s.wo * s.cout;
-  for (int ow0 = 0; ow0 < s.wo; ow0 += T) {
-    const int valid = std::min(T, s.wo - ow0);
-    for (int cb = 0; cb < s.cout / 8; ++cb) {
-      pack_window<IC, 8>(s, x, n, oh * S - s.pad_top, ow0 * S - s.pad_left, cb * 8, xb);
-      tile_cg4<S, T>(xb, packed + cb * 9 * 32, acc);
-      for (int t = 0; t < valid; ++t)
-        store(s, yrow + static_cast<int64_t>(ow0 + t) * s.cout, acc + t * 8, cb * 8);
-    }
-  }
-}
+struct Cg4 {
+  static constexpr int kMaxT = 8;
+  template <int T>
+  struct K {
+    static void run(const Tile& t, const Epilogue& e) { tile_cg4<S, T>(t, e); }
+  };
+};
 
+// With V vectors per pass, T * V sums, V weights and a broadcast fill AVX2's 16
+// registers: T = 14 for one vector (8 channels per group), 6 for two.
 template <int S, int CG>
-void row_bcast(const Conv& s, const float* x, const float* packed, float* y, int n, int oh) {
-  constexpr int V = CG / 8;
-  constexpr int T = 14 / V;
-  constexpr int IC = (T - 1) * S + 3;
-  alignas(32) float xb[3 * IC * CG];
-  alignas(32) float acc[T * V * 8];
+struct Bcast {
+  static constexpr int V = CG == 8 ? 1 : 2;
+  static constexpr int kMaxT = V == 1 ? 14 : 6;
+  template <int T>
+  struct K {
+    static void run(const Tile& t, const Epilogue& e) { tile_bcast<S, T, CG, V>(t, e); }
+  };
+};
+
+// Packs TF-layout weights [3][3][cg][cout] into the order the tiles read.
+void pack_weights(const Conv& s, const float* w, float* packed) {
+  if (s.cg == 4) {  // [cout / 8][kh][kw][r][8]
+    for (int cb = 0; cb < s.cout / 8; ++cb)
+      for (int k = 0; k < 9; ++k)
+        for (int r = 0; r < 4; ++r)
+          for (int l = 0; l < 8; ++l)
+            packed[((cb * 9 + k) * 4 + r) * 8 + l] =
+                w[(k * 4 + (((l & 3) + r) & 3)) * s.cout + cb * 8 + l];
+    return;
+  }
+  const int pass = s.cg == 8 ? 8 : 16;  // output channels per pass
+  int64_t i = 0;                        // [g][pass][kh][kw][j][pass channels]
+  for (int g = 0; g < s.groups; ++g)
+    for (int p = 0; p < s.cg; p += pass)
+      for (int k = 0; k < 9; ++k)
+        for (int j = 0; j < s.cg; ++j)
+          for (int o = 0; o < pass; ++o)
+            packed[i++] = w[(static_cast<int64_t>(k) * s.cg + j) * s.cout + g * s.cg + p + o];
+}
+
+// One output row (n, oh) for every block of channels.
+template <int S, class Family>
+void conv_row(const Conv& s, RowRing& ring, const float* x, const float* packed, float* y,
+              int n, int oh) {
+  static constexpr auto kTiles =
+      tile_table<Family::template K>(std::make_integer_sequence<int, Family::kMaxT>());
+  const int bw = block_width(s.cg);
+  const int64_t width = static_cast<int64_t>(s.w) + s.pad_left + s.pad_right;
+  const float* rows[3];
+  for (int kh = 0; kh < 3; ++kh) rows[kh] = ring.row(s, x, n, oh * S + kh);
   float* yrow = y + (static_cast<int64_t>(n) * s.ho + oh) * s.wo * s.cout;
-  for (int g = 0; g < s.groups; ++g) {
-    for (int ow0 = 0; ow0 < s.wo; ow0 += T) {
-      const int valid = std::min(T, s.wo - ow0);
-      pack_window<IC, CG>(s, x, n, oh * S - s.pad_top, ow0 * S - s.pad_left, g * CG, xb);
-      tile_bcast<S, T, CG, V>(xb, packed + static_cast<int64_t>(g) * 9 * CG * CG, acc);
-      for (int t = 0; t < valid; ++t)
-        for (int v = 0; v < V; ++v)
-          store(s, yrow + static_cast<int64_t>(ow0 + t) * s.cout, acc + (t * V + v) * 8,
-                g * CG + v * 8);
+  const int tiles = (s.wo + Family::kMaxT - 1) / Family::kMaxT;
+  const int pass = s.cg == 4 ? 8 : s.cg == 8 ? 8 : 16;
+  const int64_t pass_weights = 9 * static_cast<int64_t>(s.cg == 4 ? 4 : s.cg) * pass;
+  const Epilogue e{s.scale, s.offset, s.relu};
+  for (int b = 0; b < s.c / bw; ++b) {
+    for (int p = 0; p < bw; p += pass) {
+      Tile tile;
+      tile.weights = packed + (static_cast<int64_t>(b) * bw + p) / pass * pass_weights;
+      tile.ys = s.cout;
+      tile.ch = b * bw + p;
+      // Even tiles: the first (wo % tiles) get one pixel more.
+      for (int i = 0, ow0 = 0; i < tiles; ++i) {
+        const int size = s.wo / tiles + (i < s.wo % tiles ? 1 : 0);
+        for (int kh = 0; kh < 3; ++kh)
+          tile.rows[kh] = rows[kh] + (b * width + static_cast<int64_t>(ow0) * S) * bw;
+        tile.y = yrow + static_cast<int64_t>(ow0) * s.cout;
+        kTiles[size](tile, e);
+        ow0 += size;
+      }
     }
   }
 }
 
-using RowFn = void (*)(const Conv&, const float*, const float*, float*, int, int);
+using RowFn = void (*)(const Conv&, RowRing&, const float*, const float*, float*, int, int);
 
 RowFn select_row(int cg, int stride) {
   const bool s1 = stride == 1;
   switch (cg) {
-    case 4: return s1 ? row_cg4<1> : row_cg4<2>;
-    case 8: return s1 ? row_bcast<1, 8> : row_bcast<2, 8>;
+    case 4: return s1 ? conv_row<1, Cg4<1>> : conv_row<2, Cg4<2>>;
+    case 8: return s1 ? conv_row<1, Bcast<1, 8>> : conv_row<2, Bcast<2, 8>>;
+    case 16: return s1 ? conv_row<1, Bcast<1, 16>> : conv_row<2, Bcast<2, 16>>;
+    case 32: return s1 ? conv_row<1, Bcast<1, 32>> : conv_row<2, Bcast<2, 32>>;
   }
   return nullptr;
 }
 
 }  // namespace
-
