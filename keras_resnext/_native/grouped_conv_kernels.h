@@ -36,6 +36,9 @@ struct Conv {
 // Channels per block of the regrouped rows: one group, or two groups of 4.
 inline int block_width(int cg) { return cg < 8 ? 8 : cg; }
 
+// Output channels a tile computes in one pass over its window.
+constexpr int pass_width(int cg) { return cg <= 8 ? 8 : 16; }
+
 class RowRing {
  public:
   ~RowRing() { std::free(buffer_); }
@@ -218,7 +221,7 @@ struct Cg4 {
 // registers: T = 14 for one vector (8 channels per group), 6 for two.
 template <int S, int CG>
 struct Bcast {
-  static constexpr int V = CG == 8 ? 1 : 2;
+  static constexpr int V = pass_width(CG) / 8;
   static constexpr int kMaxT = V == 1 ? 14 : 6;
   template <int T>
   struct K {
@@ -237,8 +240,8 @@ void pack_weights(const Conv& s, const float* w, float* packed) {
                 w[(k * 4 + (((l & 3) + r) & 3)) * s.cout + cb * 8 + l];
     return;
   }
-  const int pass = s.cg == 8 ? 8 : 16;  // output channels per pass
-  int64_t i = 0;                        // [g][pass][kh][kw][j][pass channels]
+  const int pass = pass_width(s.cg);
+  int64_t i = 0;  // [g][pass][kh][kw][j][pass channels]
   for (int g = 0; g < s.groups; ++g)
     for (int p = 0; p < s.cg; p += pass)
       for (int k = 0; k < 9; ++k)
@@ -259,8 +262,8 @@ void conv_row(const Conv& s, RowRing& ring, const float* x, const float* packed,
   for (int kh = 0; kh < 3; ++kh) rows[kh] = ring.row(s, x, n, oh * S + kh);
   float* yrow = y + (static_cast<int64_t>(n) * s.ho + oh) * s.wo * s.cout;
   const int tiles = (s.wo + Family::kMaxT - 1) / Family::kMaxT;
-  const int pass = s.cg == 4 ? 8 : s.cg == 8 ? 8 : 16;
-  const int64_t pass_weights = 9 * static_cast<int64_t>(s.cg == 4 ? 4 : s.cg) * pass;
+  const int pass = pass_width(s.cg);
+  const int64_t pass_weights = 9 * static_cast<int64_t>(s.cg) * pass;
   const Epilogue e{s.scale, s.offset, s.relu};
   for (int b = 0; b < s.c / bw; ++b) {
     for (int p = 0; p < bw; p += pass) {
