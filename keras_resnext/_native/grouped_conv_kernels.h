@@ -36,6 +36,11 @@ struct Conv {
 // Channels per block of the regrouped rows: one group, or two groups of 4.
 inline int block_width(int cg) { return cg < 8 ? 8 : cg; }
 
+// Pixels in a regrouped row: the input's width plus its left and right padding.
+inline int64_t padded_width(const Conv& s) {
+  return static_cast<int64_t>(s.w) + s.pad_left + s.pad_right;
+}
+
 // Output channels a tile computes in one pass over its window.
 constexpr int pass_width(int cg) { return cg <= 8 ? 8 : 16; }
 
@@ -45,7 +50,7 @@ class RowRing {
 
   // Called at the start of each range of rows: the input tensor may differ.
   void prepare(const Conv& s) {
-    const int64_t width = static_cast<int64_t>(s.w) + s.pad_left + s.pad_right;
+    const int64_t width = padded_width(s);
     const int64_t floats = width * s.c;
     if (floats * 3 > capacity_) {
       std::free(buffer_);
@@ -72,7 +77,7 @@ class RowRing {
     tags_[slot] = tag;
     const int ih = padded_ih - s.pad_top;
     const int bw = block_width(s.cg);
-    const int64_t width = layout_[0];
+    const int64_t width = padded_width(s);
     const int blocks = s.c / bw;
     if (ih < 0 || ih >= s.h) {
       std::memset(dst, 0, slot_floats_ * sizeof(float));
@@ -257,7 +262,7 @@ void conv_row(const Conv& s, RowRing& ring, const float* x, const float* packed,
   static constexpr auto kTiles =
       tile_table<Family::template K>(std::make_integer_sequence<int, Family::kMaxT>());
   const int bw = block_width(s.cg);
-  const int64_t width = static_cast<int64_t>(s.w) + s.pad_left + s.pad_right;
+  const int64_t width = padded_width(s);
   const float* rows[3];
   for (int kh = 0; kh < 3; ++kh) rows[kh] = ring.row(s, x, n, oh * S + kh);
   float* yrow = y + (static_cast<int64_t>(n) * s.ho + oh) * s.wo * s.cout;
