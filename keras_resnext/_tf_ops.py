@@ -67,12 +67,49 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
         if pads is not None:
             return _avx2_conv(x, kernel, strides[0], pads)
     if native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name):
-        return tf.nn.conv2d(
-            inputs, kernel, strides, padding, dilations=dilations
-        )
-    return _grouped_conv2d_with_split_gradient(
-        inputs, kernel, strides, padding, dilations
-    )
+        conv = _grouped_conv2d_with_native_gradient
+    else:
+        conv = _grouped_conv2d_with_split_gradient
+    if not (tf.executing_eagerly() or _grappler_fuses_grouped_convs_here() or _in_xla_context()):
+        conv = _behind_function_boundary(conv, tuple(strides), padding, tuple(dilations))
+        return conv(inputs, kernel)
+    return conv(inputs, kernel, strides, padding, dilations)
+
+
+def _grappler_fuses_grouped_convs_here():
+    """Whether grappler may fuse a grouped Conv2D traced now with the batch
+    norm and ReLU after it.
+
+    Grappler's remapper turns Conv2D + inference FusedBatchNorm (+ ReLU) into
+    `_FusedConv2D` whether or not the kernel behind it takes groups: oneDNN's
+    and cuDNN's do, TensorFlow's own CPU kernel refuses them ("Fused conv
+    implementation does not support grouped convolutions for now"), and that
+    is the one a TensorFlow without oneDNN runs, TF Serving on AVX2-only x86
+    included. Only graphs that are run here and never saved (the scope of
+    `native_kernels`) may let it fuse, and only where this process's kernel
+    takes groups.
+    """
+    return bool(getattr(_scope, "depth", 0)) and (_onednn_enabled() or _gpu_visible())
+
+
+@functools.lru_cache(maxsize=None)
+def _behind_function_boundary(conv, strides, padding, dilations):
+    """`conv` as a function of its own that TensorFlow never inlines, so no
+    graph optimiser sees the convolution next to the ops that follow it: the
+    SavedModel runs with any TensorFlow build, oneDNN on or off."""
+    import tensorflow as tf
+
+    @tf.function(autograph=False, experimental_attributes={"_noinline": True})
+    def grouped_conv2d(inputs, kernel):
+        return conv(inputs, kernel, list(strides), padding, list(dilations))
+
+    return grouped_conv2d
+
+
+def _grouped_conv2d_with_native_gradient(x, kernel, strides, padding, dilations):
+    import tensorflow as tf
+
+    return tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
 
 
 def _avx2_conv(x, kernel, stride, pads, scale=None, offset=None, relu=False):

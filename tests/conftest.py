@@ -11,8 +11,9 @@ import keras_resnext  # noqa: E402,F401
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_python(code, env=None, timeout=600):
-    """Run `code` in a fresh interpreter; return the CompletedProcess.
+def run_python(code, env=None, timeout=600, args=()):
+    """Run `code` in a fresh interpreter, `args` as its sys.argv[1:]; return
+    the CompletedProcess.
 
     `env` adds variables to this process's environment; a None value removes one.
     """
@@ -24,7 +25,7 @@ def run_python(code, env=None, timeout=600):
             full_env[key] = value
     full_env["PYTHONPATH"] = REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
         timeout=timeout, cwd=REPO_ROOT,
     )
 

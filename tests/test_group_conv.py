@@ -1,6 +1,7 @@
 """`GroupConv2D`: Conv2D(groups) semantics, native TF kernel, no XLA anywhere."""
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -169,7 +170,8 @@ import keras
 from keras_resnext import _tf_ops
 import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port
-print("onednn", _pywrap_util_port.IsMklEnabled(), "native", _tf_ops.native_grouped_gradient_available())
+print("env", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn", _pywrap_util_port.IsMklEnabled(),
+      "native", _tf_ops.native_grouped_gradient_available())
 model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3))
 model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
 rng = np.random.default_rng(0)
@@ -190,17 +192,34 @@ print("trained", losses[0], losses[-1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first_import, env", [
-    ("import tensorflow", {"TF_ENABLE_ONEDNN_OPTS": None}),
-    ("import keras", {"TF_ENABLE_ONEDNN_OPTS": None, "KERAS_BACKEND": "tensorflow"}),
-    ("", {"TF_ENABLE_ONEDNN_OPTS": "0"}),
-], ids=["tensorflow_first", "keras_first", "onednn_disabled_by_user"])
-def test_trains_on_cpu_without_onednn(python_subprocess, tmp_path, first_import, env):
+@pytest.mark.parametrize("first_import, env, onednn", [
+    # TensorFlow loaded first makes its own choice for this CPU (off on AVX2-only
+    # x86 such as AMD Zen 3, on with AVX-512); the package must leave it alone.
+    ("import tensorflow", {"TF_ENABLE_ONEDNN_OPTS": None}, None),
+    ("import keras", {"TF_ENABLE_ONEDNN_OPTS": None, "KERAS_BACKEND": "tensorflow"}, None),
+    # What TensorFlow chooses on AVX2-only CPUs, forced, so every CPU tests it.
+    ("import tensorflow", {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+    ("", {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+    # And a CPU without AVX2: no AVX2 op either.
+    ("import tensorflow", {"TF_ENABLE_ONEDNN_OPTS": "0", "KERAS_RESNEXT_NATIVE_KERNELS": "0"},
+     False),
+], ids=["tensorflow_first", "keras_first", "tensorflow_first_onednn_off",
+        "onednn_disabled_by_user", "onednn_off_no_avx2_op"])
+def test_trains_on_cpu_with_tensorflows_onednn_choice(python_subprocess, tmp_path, first_import,
+                                                      env, onednn):
     code = TRAIN_AFTER_TENSORFLOW.format(first_import=first_import,
                                          export_dir=str(tmp_path / "export"))
     result = python_subprocess(code, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "onednn False native False" in result.stdout
+    reported = re.search(r"env (\S+) onednn (\w+) native (\w+)", result.stdout)
+    assert reported, result.stdout[-2000:]
+    variable, enabled, native_gradient = reported.groups()
+    if first_import:
+        assert variable == str(env["TF_ENABLE_ONEDNN_OPTS"]), "the package changed TF's choice"
+    if onednn is not None:
+        assert enabled == str(onednn)
+    # TensorFlow differentiates grouped convs natively exactly where oneDNN is on.
+    assert native_gradient == enabled
     assert "trained" in result.stdout
 
 
