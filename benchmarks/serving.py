@@ -24,14 +24,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model():
+    """The CPU's model name, family/model numbers and the vector ISAs that
+    decide TensorFlow's kernels (the model name alone may be just "AMD EPYC")."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family')} "
+            f"model {fields.get('model')}; {' '.join(isa) or 'no AVX2'})")
 
 
 def keras_worker(args):
