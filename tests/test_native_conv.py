@@ -187,14 +187,17 @@ def grouped_reference(x, kernel, stride, padding, dilation):
 
 
 def sweep_cases(count, seed):
-    """The issue's pair first (a "valid" conv on width 9, then a "same"
-    stride-2 one on width 8, whose last column was interior before), then
-    random shapes with few channel counts, so consecutive calls share the
-    op's per-thread buffers."""
+    """A "valid" conv on width 9, then a "same" stride-2 one on width 8 (whose
+    last column, interior before, is padding now), then random shapes with
+    few channel counts, so consecutive calls share the op's per-thread
+    buffers."""
     yield dict(batch=1, height=9, width=9, group_width=4, groups=2, stride=1,
                padding="valid", dilation=1)
     yield dict(batch=1, height=8, width=8, group_width=4, groups=2, stride=2,
                padding="same", dilation=1)
+    # An input smaller than the kernel; the op used to read past its buffers.
+    yield dict(batch=1, height=2, width=2, group_width=4, groups=2, stride=2,
+               padding="valid", dilation=1)
     rng = np.random.default_rng(seed)
     for _ in range(count):
         group_width = int(rng.choice([4, 8, 16, 32]))
