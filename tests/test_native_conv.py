@@ -174,3 +174,127 @@ def test_switch_and_failed_build_fall_back_to_tensorflows_kernel(python_subproce
     assert broken.returncode == 0, broken.stderr[-2000:]
     assert "OP True" in broken.stdout
     assert "no-such-compiler failed to run" in broken.stdout
+
+
+def grouped_reference(x, kernel, stride, padding, dilation):
+    """TensorFlow's grouped convolution as one ungrouped tf.nn.conv2d per
+    group, which every CPU build of TensorFlow has."""
+    groups = x.shape[-1] // kernel.shape[2]
+    return tf.concat([
+        tf.nn.conv2d(xg, kg, stride, padding.upper(), dilations=dilation)
+        for xg, kg in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
+    ], axis=-1)
+
+
+def sweep_cases(count, seed):
+    """A "valid" conv on width 9, then a "same" stride-2 one on width 8 (whose
+    last column, interior before, is padding now), then random shapes with
+    few channel counts, so consecutive calls share the op's per-thread
+    buffers."""
+    yield dict(batch=1, height=9, width=9, group_width=4, groups=2, stride=1,
+               padding="valid", dilation=1)
+    yield dict(batch=1, height=8, width=8, group_width=4, groups=2, stride=2,
+               padding="same", dilation=1)
+    # An input smaller than the kernel; the op used to read past its buffers.
+    yield dict(batch=1, height=2, width=2, group_width=4, groups=2, stride=2,
+               padding="valid", dilation=1)
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        group_width = int(rng.choice([4, 8, 16, 32]))
+        dilation = 2 if rng.random() < 0.1 else 1
+        smallest = 5 if dilation == 2 else 1
+        yield dict(batch=int(rng.integers(1, 4)),
+                   height=int(rng.integers(smallest, 18)),
+                   width=int(rng.integers(smallest, 18)),
+                   group_width=group_width,
+                   groups=int(rng.choice([2, 4] if group_width == 4 else [2, 3])),
+                   stride=1 if dilation == 2 else int(rng.choice([1, 2])),
+                   padding=str(rng.choice(["same", "valid"])),
+                   dilation=dilation)
+
+
+def test_random_shapes_in_sequence_match_tensorflow(monkeypatch):
+    assert OP is not None
+    calls = []
+    avx2_conv = _tf_ops._avx2_conv
+    monkeypatch.setattr(_tf_ops, "_avx2_conv",
+                        lambda *args, **kwargs: calls.append(1) or avx2_conv(*args, **kwargs))
+    worst = 0.0
+    for index, case in enumerate(sweep_cases(40, seed=11)):
+        channels = case["group_width"] * case["groups"]
+        x = random([case["batch"], case["height"], case["width"], channels], 100 + index)
+        kernel = random([3, 3, case["group_width"], channels], 200 + index)
+        stride, padding, dilation = case["stride"], case["padding"], case["dilation"]
+        before = len(calls)
+        # Keras' Conv2D itself refuses inputs smaller than the kernel.
+        smaller_than_kernel = padding == "valid" and min(case["height"], case["width"]) < 3
+        if index % 2 and not smaller_than_kernel:
+            layer = kr.layers.GroupConv2D(channels, 3, strides=stride, padding=padding,
+                                          dilation_rate=dilation, groups=case["groups"],
+                                          use_bias=False)
+            layer.build(x.shape)
+            layer.kernel.assign(kernel)
+            run = lambda: layer(x)  # noqa: E731
+        else:
+            run = lambda: _tf_ops.grouped_conv2d(  # noqa: E731
+                x, kernel, [stride] * 2, padding, [dilation] * 2)
+        # Inputs smaller than the kernel: TensorFlow's rule, (size - 3 +
+        # stride) // stride, empty at 0 and an error below (see
+        # test_inputs_smaller_than_the_kernel for why not the reference).
+        sizes = [(size - 3 + stride) // stride for size in (case["height"], case["width"])]
+        if smaller_than_kernel:
+            if min(sizes) < 0:
+                with pytest.raises(tf.errors.InvalidArgumentError, match="negative"):
+                    run()
+            else:
+                assert run().shape == (case["batch"], *sizes, channels), case
+        else:
+            got = run()
+            expected = grouped_reference(x, kernel, stride, padding, dilation)
+            assert got.shape == expected.shape, case
+            error = float(np.max(np.abs(got - expected), initial=0.0))
+            worst = max(worst, error)
+            assert error < 1e-4, (case, error)
+        assert len(calls) - before == (dilation == 1), case
+    print(f"worst error {worst:.2e}")
+
+
+# (input size, stride, padding before and after) -> output size, by
+# TensorFlow's rule (size + padding - 3 + stride) // stride; None: its error.
+SMALL_INPUTS = [
+    (2, 2, (0, 0), 0), (2, 1, (0, 0), 0), (1, 2, (0, 0), 0), (1, 1, (0, 0), None),
+    (1, 1, (1, 0), 0), (1, 1, (1, 1), 1), (2, 2, (0, 1), 1), (0, 2, (0, 0), 0),
+]
+
+
+@pytest.mark.parametrize("size,stride,pads,expected", SMALL_INPUTS)
+def test_inputs_smaller_than_the_kernel(size, stride, pads, expected):
+    # oneDNN's eager Conv2D (on by default on AVX-512 CPUs) gets these wrong
+    # (a 2x2 input, stride 2, "VALID" gives a 2x2 output), hence the table.
+    x = random([2, size, 5, 8], 12)
+    kernel = random([3, 3, 4, 8], 13)
+    explicit_paddings = [*pads, 1, 1]
+
+    def call(x):
+        return OP(x, kernel, EMPTY, EMPTY, stride=stride, explicit_paddings=explicit_paddings)
+
+    if expected is None:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="negative"):
+            call(x)
+        return
+    got = call(x)
+    assert got.shape == (2, expected, (5 + 2 - 3 + stride) // stride, 8)
+    if expected:
+        padded = reference(x, kernel, stride, explicit_paddings)
+        np.testing.assert_allclose(got, padded, rtol=1e-5, atol=1e-5)
+    # Traced: with unknown sizes the same empty or full answer at run time;
+    # with static ones TensorFlow's shape check, as tf.nn.conv2d traces.
+    dynamic = tf.function(call).get_concrete_function(tf.TensorSpec([None, None, None, 8]))
+    assert dynamic(x).shape == got.shape
+    static = tf.function(call)
+    if size + sum(pads) < 3:
+        with pytest.raises(ValueError, match="Negative dimension size"):
+            static.get_concrete_function(tf.TensorSpec(x.shape))
+    else:
+        assert tuple(static.get_concrete_function(tf.TensorSpec(x.shape)).output_shapes) \
+            == got.shape

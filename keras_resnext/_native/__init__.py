@@ -7,6 +7,9 @@ system C++ compiler, and cached per source, TensorFlow version and flags:
 - compiler: `$CXX`, else `c++`;
 - `KERAS_RESNEXT_NATIVE_KERNELS=0` turns the op off.
 
+Each cached library has its SHA-256 beside it (`.so.sha256`); one that doesn't
+match (a build cut short, a truncated copy) is rebuilt, never loaded.
+
 Where it can't be built (no compiler, no AVX2/FMA, not Linux x86-64) the models
 use TensorFlow's own grouped kernel, after one warning that says why.
 """
@@ -17,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import warnings
 
 SWITCH = "KERAS_RESNEXT_NATIVE_KERNELS"
@@ -24,6 +28,7 @@ OP_NAME = "KerasResnextGroupedConv2D"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ("grouped_conv.cc", "grouped_conv_kernels.h")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-w")
+_first_use = threading.Lock()
 
 
 class BuildError(RuntimeError):
@@ -48,9 +53,16 @@ def cpu_supported():
     return False
 
 
-@functools.lru_cache(maxsize=None)
 def grouped_conv_op():
     """The op's Python function, or None where it can't be used here."""
+    # One thread builds, loads and registers the gradient; the others wait
+    # for its answer (a second RegisterGradient would raise).
+    with _first_use:
+        return _load_op()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_op():
     if not enabled() or not cpu_supported():
         return None
     import tensorflow as tf
@@ -62,7 +74,7 @@ def grouped_conv_op():
             f"keras_resnext: the AVX2 grouped convolution is unavailable ({error}); "
             f"using TensorFlow's grouped kernel. Set {SWITCH}=0 to skip the build.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         return None
     from keras_resnext import _tf_ops
@@ -93,21 +105,50 @@ def build(tf):
     key.update(repr((tf.__version__, tf.__file__, command)).encode())
     folder = cache_dir()
     path = os.path.join(folder, f"grouped_conv-{key.hexdigest()[:16]}.so")
-    if os.path.exists(path):
+    checksum_path = f"{path}.sha256"
+    expected = _read(checksum_path)
+    if expected and expected == _sha256(path):
         return path
     os.makedirs(folder, exist_ok=True)
-    # Concurrent builders each write their own file; the rename is atomic.
+    # Concurrent builders each write their own files; the renames are atomic.
+    # The library goes first: a reader between the two renames sees a
+    # mismatch and builds again, never a wrong match.
     temporary = f"{path}.{os.getpid()}.tmp"
+    temporary_checksum = f"{checksum_path}.{os.getpid()}.tmp"
     command[command.index(None)] = temporary
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise BuildError(f"{compiler} exited with {result.returncode}: {last}")
+        with open(temporary_checksum, "w") as f:
+            f.write(_sha256(temporary))
         os.replace(temporary, path)
+        os.replace(temporary_checksum, checksum_path)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise BuildError(f"{compiler} failed to run: {error}") from None
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        for leftover in (temporary, temporary_checksum):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return path
+
+
+def _sha256(path):
+    """The file's SHA-256 in hex, or None if it can't be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None

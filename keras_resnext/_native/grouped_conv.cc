@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "grouped_conv_kernels.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/kernel_shape_util.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -31,14 +33,11 @@ REGISTER_OP("KerasResnextGroupedConv2D")
       if (pads.size() != 4 || *std::min_element(pads.begin(), pads.end()) < 0) {
         return errors::InvalidArgument("explicit_paddings needs 4 values >= 0");
       }
+      // TensorFlow's own rule, so shapes and errors match Conv2D's.
       auto out_dim = [&](shape_inference::DimensionHandle in, int before, int after,
-                         shape_inference::DimensionHandle* out) -> Status {
-        if (!c->ValueKnown(in)) {
-          *out = c->UnknownDim();
-          return OkStatus();
-        }
-        *out = c->MakeDim((c->Value(in) + before + after - 3) / stride + 1);
-        return OkStatus();
+                         shape_inference::DimensionHandle* out) {
+        return shape_inference::GetWindowedOutputSizeFromDimsV2(
+            c, in, 3, 1, stride, Padding::EXPLICIT, before, after, out);
       };
       shape_inference::DimensionHandle ho, wo;
       TF_RETURN_IF_ERROR(out_dim(c->Dim(input, 1), pads[0], pads[1], &ho));
@@ -89,9 +88,15 @@ class GroupedConv2DOp : public OpKernel {
     s.pad_bottom = pads_[1];
     s.pad_left = pads_[2];
     s.pad_right = pads_[3];
-    s.ho = (s.h + pads_[0] + pads_[1] - 3) / stride_ + 1;
-    s.wo = (s.w + pads_[2] + pads_[3] - 3) / stride_ + 1;
-    OP_REQUIRES(ctx, s.ho > 0 && s.wo > 0, errors::InvalidArgument("empty output"));
+    // Inputs smaller than the kernel give TensorFlow's empty output or error.
+    int64_t ho, wo, top = s.pad_top, bottom = s.pad_bottom, left = s.pad_left,
+                    right = s.pad_right;
+    OP_REQUIRES_OK(ctx, GetWindowedOutputSizeVerbose(s.h, 3, 1, stride_, Padding::EXPLICIT,
+                                                     &ho, &top, &bottom));
+    OP_REQUIRES_OK(ctx, GetWindowedOutputSizeVerbose(s.w, 3, 1, stride_, Padding::EXPLICIT,
+                                                     &wo, &left, &right));
+    s.ho = static_cast<int>(ho);
+    s.wo = static_cast<int>(wo);
     s.relu = relu_;
     s.scale = nullptr;
     s.offset = nullptr;

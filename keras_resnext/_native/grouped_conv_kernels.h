@@ -50,19 +50,11 @@ class RowRing {
 
   // Called at the start of each range of rows: the input tensor may differ.
   void prepare(const Conv& s) {
-    const int64_t width = padded_width(s);
-    const int64_t floats = width * s.c;
+    const int64_t floats = padded_width(s) * s.c;
     if (floats * 3 > capacity_) {
       std::free(buffer_);
       capacity_ = floats * 3;
       buffer_ = static_cast<float*>(std::aligned_alloc(64, ((capacity_ * 4 + 63) / 64) * 64));
-      layout_ = {-1, -1, -1, -1};
-    }
-    const std::array<int64_t, 4> layout = {width, s.c, s.pad_left, block_width(s.cg)};
-    if (layout != layout_) {
-      // Padding columns are written only here; row copies leave them zero.
-      std::memset(buffer_, 0, floats * 3 * sizeof(float));
-      layout_ = layout;
     }
     slot_floats_ = floats;
     tags_ = {-1, -1, -1};
@@ -83,6 +75,14 @@ class RowRing {
       std::memset(dst, 0, slot_floats_ * sizeof(float));
       return dst;
     }
+    // Every copy rewrites its padding columns: a slot's previous contents
+    // come from calls of any shape, whose interior columns may be padding now.
+    for (int b = 0; b < blocks; ++b) {
+      float* block = dst + b * width * bw;
+      std::memset(block, 0, static_cast<size_t>(s.pad_left) * bw * sizeof(float));
+      std::memset(block + static_cast<int64_t>(s.pad_left + s.w) * bw, 0,
+                  static_cast<size_t>(s.pad_right) * bw * sizeof(float));
+    }
     const float* src = x + (static_cast<int64_t>(n) * s.h + ih) * s.w * s.c;
     for (int iw = 0; iw < s.w; ++iw) {
       const float* p = src + static_cast<int64_t>(iw) * s.c;
@@ -100,7 +100,6 @@ class RowRing {
   float* buffer_ = nullptr;
   int64_t capacity_ = 0;
   int64_t slot_floats_ = 0;
-  std::array<int64_t, 4> layout_ = {-1, -1, -1, -1};
   std::array<int64_t, 3> tags_ = {-1, -1, -1};
 };
 
