@@ -3,7 +3,7 @@
 `export_saved_model(model, base_dir)` writes `base_dir/<version>/`, the
 layout TF Serving polls, with two signatures:
 
-- `serving_default`: `image_bytes` (tf.string [N], JPEG/PNG/GIF/BMP), each
+- `serving_default`: `image_bytes` (tf.string [N], JPEG/PNG/GIF/BMP/WebP), each
   decoded and cropped by `keras_resnext.preprocess_for_eval`, the same eval
   view the datasets use;
 - `serving_preprocessed`: `images` (float32 [N, size, size, 3]), already
@@ -14,8 +14,8 @@ Both return `probabilities` [N, classes], `classes` (int32 [N, k]),
 `error` (string [N]). One bad image fails alone: a file that is not an
 image, whose header is malformed, that has more than `max_pixels` pixels
 (read from its header, before decoding) or that the decoder rejects gets
-`valid` false, an `error` line such as "image 2: not a JPEG, PNG, GIF or BMP
-image", zero probabilities and scores, classes -1 and empty class names;
+`valid` false, an `error` line such as "image 2: not a JPEG, PNG, GIF, BMP
+or WebP image", zero probabilities and scores, classes -1 and empty class names;
 the other images are classified as usual. An empty batch, or
 `serving_preprocessed` images of the wrong shape, fail the whole request
 with InvalidArgumentError. The SavedModel also records its eval transform:

@@ -65,7 +65,7 @@ def decode_predictions(predictions, top=5):
 
 
 def decode_image(image_bytes):
-    """Encoded JPEG/PNG/GIF/BMP bytes to uint8 RGB [height, width, 3].
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes to uint8 RGB [height, width, 3].
 
     The format comes from the bytes, not the file name: ImageNet has PNG files
     named .JPEG, and CMYK or greyscale JPEGs become RGB.
@@ -146,13 +146,17 @@ def decode_jpeg_accurately_or_any(image_bytes):
     )
 
 
-# What tf.io.decode_image looks for in the first bytes of each format it reads.
+# What tf.io.decode_image looks for in each format it reads, as (offset, bytes).
+# It also reads JPEG XL, whose size is bit-packed after variable-length boxes;
+# serving refuses it rather than decode it unbounded.
 _SIGNATURES = (
-    ("JPEG", b"\xff\xd8\xff"),
-    ("PNG", b"\x89PNG\r\n\x1a\n"),
-    ("GIF", b"GIF8"),
-    ("BMP", b"BM"),
+    ("JPEG", ((0, b"\xff\xd8\xff"),)),
+    ("PNG", ((0, b"\x89PNG\r\n\x1a\n"),)),
+    ("GIF", ((0, b"GIF8"),)),
+    ("BMP", ((0, b"BM"),)),
+    ("WebP", ((0, b"RIFF"), (8, b"WEBP"))),
 )
+ACCEPTED_FORMATS = "JPEG, PNG, GIF, BMP or WebP"
 # Real JPEGs have a few dozen segments before the frame header; the cap only
 # bounds the time a crafted file of empty segments can take.
 _MAX_JPEG_SEGMENTS = 1024
@@ -161,17 +165,17 @@ _MAX_JPEG_SEGMENTS = 1024
 def read_image_header(image_bytes):
     """`(format, height, width)` of one encoded image, from its header only.
 
-    `format` is "JPEG", "PNG", "GIF" or "BMP" (what `decode_image` reads),
-    or "" for anything else; `height` and `width` are int64, -1 when the
+    `format` is "JPEG", "PNG", "GIF", "BMP" or "WebP", or "" for anything
+    else; `height` and `width` are int64, -1 when the
     header is truncated or malformed. Never raises on bad bytes, so a
     serving graph can reject an image before decoding it. GIFs give their
     logical screen size, BMPs the absolute value of their height (negative
-    for top-down rows).
+    for top-down rows), extended WebPs their canvas size.
     """
     import tensorflow as tf
 
     length = tf.strings.length(image_bytes)
-    head = _bytes_at(image_bytes, 0, 26, length)
+    head = _bytes_at(image_bytes, 0, 30, length)
     readers = {
         "JPEG": lambda: _jpeg_dimensions(image_bytes, length),
         # IHDR is always the first chunk: big-endian width, then height.
@@ -185,11 +189,15 @@ def read_image_header(image_bytes):
         # BITMAPINFOHEADER: little-endian int32 width and height.
         "BMP": lambda: _checked(
             length >= 26, tf.abs(_signed32(head[22:26])), _signed32(head[18:22])),
+        "WebP": lambda: _webp_dimensions(head, length),
     }
     format_name = tf.constant("")
     height = width = tf.constant(-1, tf.int64)
     for name, signature in reversed(_SIGNATURES):
-        matches = (length >= len(signature)) & _equals(head[:len(signature)], signature)
+        matches = tf.reduce_all([
+            (length >= offset + len(expected)) & _equals(head[offset:offset + len(expected)],
+                                                         expected)
+            for offset, expected in signature])
         format_name = tf.where(matches, name, format_name)
         height, width = tf.cond(
             matches, readers[name], lambda h=height, w=width: (h, w))
@@ -200,7 +208,7 @@ def header_problem(format_name, height, width, max_pixels=None):
     """"" for an image `read_image_header` says may be decoded, else why not.
 
     Works on scalars or on batches of headers; the reason is one line such as
-    "not a JPEG, PNG, GIF or BMP image" or "20000x20000 pixels is over the
+    "not a JPEG, PNG, GIF, BMP or WebP image" or "20000x20000 pixels is over the
     64000000-pixel limit".
     """
     import tensorflow as tf
@@ -216,7 +224,7 @@ def header_problem(format_name, height, width, max_pixels=None):
             f" pixels is over the {int(max_pixels)}-pixel limit",
         ])
         problem = tf.where((problem == "") & (height * width > max_pixels), too_large, problem)
-    return tf.where(format_name == "", "not a JPEG, PNG, GIF or BMP image", problem)
+    return tf.where(format_name == "", f"not a {ACCEPTED_FORMATS} image", problem)
 
 
 def _bytes_at(image_bytes, position, count, length):
@@ -254,6 +262,30 @@ def _checked(readable, height, width):
 
     unknown = tf.constant(-1, tf.int64)
     return tf.where(readable, height, unknown), tf.where(readable, width, unknown)
+
+
+def _webp_dimensions(head, length):
+    """From the first chunk: lossy VP8 frame, lossless VP8L or extended VP8X."""
+    import tensorflow as tf
+
+    chunk = head[12:16]
+    lossy = _equals(chunk, b"VP8 ") & _equals(head[23:26], b"\x9d\x01\x2a")
+    lossless = _equals(chunk, b"VP8L") & tf.equal(head[20], 0x2F)
+    extended = _equals(chunk, b"VP8X")
+    fourteen_bits = 0x3FFF
+    # VP8L packs width - 1 and height - 1 in 14 bits each; VP8X has 24-bit
+    # canvas width - 1 and height - 1; VP8 has 14-bit sizes and 2 scale bits.
+    packed = _unsigned(head[21:25], big_endian=False)
+    width = tf.where(
+        lossy, tf.bitwise.bitwise_and(_unsigned(head[26:28], big_endian=False), fourteen_bits),
+        tf.where(lossless, tf.bitwise.bitwise_and(packed, fourteen_bits) + 1,
+                 _unsigned(head[24:27], big_endian=False) + 1))
+    height = tf.where(
+        lossy, tf.bitwise.bitwise_and(_unsigned(head[28:30], big_endian=False), fourteen_bits),
+        tf.where(lossless,
+                 tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, 14), fourteen_bits) + 1,
+                 _unsigned(head[27:30], big_endian=False) + 1))
+    return _checked((length >= 30) & (lossy | lossless | extended), height, width)
 
 
 def _jpeg_dimensions(image_bytes, length):

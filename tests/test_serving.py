@@ -43,12 +43,12 @@ def served(tmp_path_factory):
     return model, loaded.signatures, path
 
 
-def encode(fmt, height=20, width=30, seed=0):
+def encode(fmt, height=20, width=30, seed=0, **options):
     from PIL import Image
 
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
@@ -81,10 +81,15 @@ def header(image_bytes):
 # Dimensions from headers
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP"])
-def test_headers_give_the_size_decode_image_will_produce(fmt):
-    for height, width in ((20, 30), (37, 1)):
-        data = encode(fmt, height, width)
+@pytest.mark.parametrize("fmt, options", [
+    ("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}),
+    ("WebP", dict(lossless=False)),  # a VP8 chunk
+    ("WebP", dict(lossless=True)),  # VP8L
+    ("WebP", dict(exif=b"Exif\0\0metadata")),  # VP8X, the extended format
+])
+def test_headers_give_the_size_decode_image_will_produce(fmt, options):
+    for height, width in ((20, 30), (37, 1), (300, 517)):
+        data = encode(fmt, height, width, **options)
         assert header(data) == (fmt, height, width)
         assert tuple(preprocessing.decode_image(data).shape[:2]) == (height, width)
 
@@ -118,6 +123,9 @@ def test_top_down_bmp_has_a_negative_height_in_its_header():
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIDAT" + bytes(12), ("PNG", -1, -1)),
     (b"GIF89a\x10", ("GIF", -1, -1)),
     (b"BM" + bytes(20), ("BMP", -1, -1)),
+    (b"RIFF\0\0\0\0WEBPVP8 " + bytes(14), ("WebP", -1, -1)),  # no VP8 start code
+    (b"RIFF\0\0\0\0WAVEfmt " + bytes(14), ("", -1, -1)),
+    (b"\xff\x0a" + bytes(20), ("", -1, -1)),  # JPEG XL: decode_image reads it; we refuse it
 ])
 def test_short_or_malformed_headers_read_as_unknown_without_raising(data, expected):
     assert header(data) == expected
@@ -128,7 +136,7 @@ def test_header_problems_are_one_line_each():
         tf.constant(["", "PNG", "PNG", "JPEG"]), tf.constant([-1, -1, 300, 20], tf.int64),
         tf.constant([-1, -1, 400, 30], tf.int64), max_pixels=1000)
     assert [p.decode() for p in problems.numpy()] == [
-        "not a JPEG, PNG, GIF or BMP image",
+        "not a JPEG, PNG, GIF, BMP or WebP image",
         "truncated or malformed PNG header",
         "400x300 pixels is over the 1000-pixel limit",
         "",
@@ -158,25 +166,26 @@ def test_preprocess_for_eval_refuses_images_over_max_pixels_before_decoding():
 def test_bad_images_fail_alone_and_the_rest_are_classified(served):
     model, signatures, _ = served
     good = [encode("JPEG", seed=1), encode("PNG", seed=2), encode("GIF", seed=3),
-            encode("BMP", seed=4)]
+            encode("BMP", seed=4), encode("WebP", seed=5)]
     truncated_png = encode("PNG", seed=5)[:120]  # a whole header, then cut
     batch = [good[0], b"not an image", truncated_png, good[1], encode("PNG", 40, 40),
-             good[2], b"\x89PNG\r\n\x1a\n", good[3]]
+             good[2], b"\x89PNG\r\n\x1a\n", good[3], good[4]]
     outputs = {key: value.numpy() for key, value in
                signatures["serving_default"](image_bytes=tf.constant(batch)).items()}
 
     assert [e.decode() for e in outputs["error"]] == [
         "",
-        "image 1: not a JPEG, PNG, GIF or BMP image",
+        "image 1: not a JPEG, PNG, GIF, BMP or WebP image",
         "image 2: the PNG data is corrupt or truncated",
         "",
         "image 4: 40x40 pixels is over the 1000-pixel limit",
         "",
         "image 6: truncated or malformed PNG header",
         "",
+        "",
     ]
     valid = outputs["valid"]
-    assert valid.tolist() == [True, False, False, True, False, True, False, True]
+    assert valid.tolist() == [True, False, False, True, False, True, False, True, True]
     images = np.stack([preprocessing.preprocess_for_eval(d, IMAGE_SIZE, IMAGE_SIZE)
                        for d in good])
     expected = model(images, training=False).numpy()  # a softmax head
