@@ -227,7 +227,7 @@ class ServingModule(tf.Module):
         problems = tf.tensor_scatter_nd_update(
             problems, decodable[:, None],
             tf.strings.join(["the ", tf.gather(format_names, decodable),
-                             " data is corrupt or truncated"]))
+                             " data could not be decoded (corrupt, truncated or unsupported)"]))
         problems = tf.tensor_scatter_nd_update(
             problems, decoded[:, None], tf.fill(tf.shape(decoded), ""))
         # The model is not run on an empty batch: oneDNN's batch norm fails on one.

@@ -176,7 +176,7 @@ def test_bad_images_fail_alone_and_the_rest_are_classified(served):
     assert [e.decode() for e in outputs["error"]] == [
         "",
         "image 1: not a JPEG, PNG, GIF, BMP or WebP image",
-        "image 2: the PNG data is corrupt or truncated",
+        "image 2: the PNG data could not be decoded (corrupt, truncated or unsupported)",
         "",
         "image 4: 40x40 pixels is over the 1000-pixel limit",
         "",
