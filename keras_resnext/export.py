@@ -230,7 +230,7 @@ class ServingModule(tf.Module):
                              " data could not be decoded (corrupt, truncated or unsupported)"]))
         problems = tf.tensor_scatter_nd_update(
             problems, decoded[:, None], tf.fill(tf.shape(decoded), ""))
-        # The model is not run on an empty batch: oneDNN's batch norm fails on one.
+        # The model's graph fails on a batch of 0 images (with oneDNN on Zen 4).
         outputs = tf.cond(tf.size(decoded) > 0, lambda: self._classify(images),
                           self._no_classes)
         return _scatter_rows(outputs, decoded, count, problems)
@@ -256,10 +256,14 @@ class ServingModule(tf.Module):
     def _serve_images(self, images):
         count = _assert_not_empty(images, "images")
         size = self._image_size
+        shape = tf.shape(images)
+        # Padded, so that a lower rank fails this check rather than the comparison
+        # (a higher one fails ensure_shape below).
+        spatial = tf.concat([shape, [0, 0, 0]], axis=0)[1:4]
         checked = tf.debugging.Assert(
-            tf.reduce_all(tf.equal(tf.shape(images)[1:], [size, size, 3])),
+            tf.equal(tf.size(shape), 4) & tf.reduce_all(tf.equal(spatial, [size, size, 3])),
             [f"serving_preprocessed takes float32 images of shape [N, {size}, {size}, 3] "
-             "(see the metadata signature); got shape", tf.shape(images)], summarize=4,
+             "(see the metadata signature); got shape", shape], summarize=5,
         )
         with tf.control_dependencies([checked]):
             images = tf.ensure_shape(tf.identity(images), [None, size, size, 3])
