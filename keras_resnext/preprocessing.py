@@ -166,9 +166,9 @@ def read_image_header(image_bytes):
     """`(format, height, width)` of one encoded image, from its header only.
 
     `format` is "JPEG", "PNG", "GIF", "BMP" or "WebP", or "" for anything
-    else; `height` and `width` are int64, -1 when the
-    header is truncated or malformed. Never raises on bad bytes, so a
-    serving graph can reject an image before decoding it. GIFs give their
+    else; `height` and `width` are int64, -1 when the header is truncated or
+    malformed. Never raises on bad bytes, so a serving graph can reject an
+    image before decoding it. GIFs give their
     logical screen size, BMPs the absolute value of their height (negative
     for top-down rows), extended WebPs their canvas size.
     """
