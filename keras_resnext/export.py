@@ -3,17 +3,25 @@
 `export_saved_model(model, base_dir)` writes `base_dir/<version>/`, the
 layout TF Serving polls, with two signatures:
 
-- `serving_default`: `image_bytes` (tf.string [N], JPEG/PNG/GIF/BMP), each
+- `serving_default`: `image_bytes` (tf.string [N], JPEG/PNG/GIF/BMP/WebP), each
   decoded and cropped by `keras_resnext.preprocess_for_eval`, the same eval
   view the datasets use;
 - `serving_preprocessed`: `images` (float32 [N, size, size, 3]), already
   preprocessed.
 
 Both return `probabilities` [N, classes], `classes` (int32 [N, k]),
-`scores` [N, k] and `class_names` (string [N, k]). The SavedModel also
-records its eval transform: `eval_image_size`, `eval_resize_size`,
-`preprocessing` and `class_names` are variables of the loaded object, and a
-third signature, `metadata`, returns them.
+`scores` [N, k], `class_names` (string [N, k]), `valid` (bool [N]) and
+`error` (string [N]). One bad image fails alone: a file that is not an
+image, whose header is malformed, that has more than `max_pixels` pixels
+(read from its header, before decoding) or that the decoder rejects gets
+`valid` false, an `error` line such as "image 2: not a JPEG, PNG, GIF, BMP
+or WebP image", zero probabilities and scores, classes -1 and empty class names;
+the other images are classified as usual. An empty batch, or
+`serving_preprocessed` images of the wrong shape, fail the whole request
+with InvalidArgumentError. The SavedModel also records its eval transform:
+`eval_image_size`, `eval_resize_size`, `preprocessing`, `max_pixels` and
+`class_names` are variables of the loaded object, and a third signature,
+`metadata`, returns them.
 
 TensorFlow only; `keras_resnext` imports this module on first use of
 `keras_resnext.export_saved_model`, so `import keras_resnext` works without it.
@@ -34,6 +42,9 @@ PREPROCESSED_SIGNATURE = "serving_preprocessed"
 METADATA_SIGNATURE = "metadata"
 PREPROCESSING_NAME = "keras_resnext.preprocess_for_eval"
 _VERSION_PATTERN = re.compile(r"^[0-9]+$")
+# 64 megapixels (8000x8000) holds every camera photo in common use; decoded,
+# it is 192 MB of uint8, so one request cannot take the server down.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 def default_eval_transform(model, image_size=None):
@@ -74,7 +85,7 @@ def next_version(base_dir):
 
 
 def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
-                       image_size=None, resize_size=None):
+                       image_size=None, resize_size=None, max_pixels=DEFAULT_MAX_PIXELS):
     """Write `model` as a TF Serving SavedModel into `base_dir/<version>`.
 
     Args:
@@ -88,6 +99,10 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
             classes, else the class indices as strings.
         image_size, resize_size: the eval crop; default from the model
             (see `default_eval_transform`).
+        max_pixels: `serving_default` refuses images whose header says
+            they have more pixels than this, before decoding them. The
+            decoded image takes 3 bytes a pixel, so this bounds the memory
+            one request can claim.
 
     The version is written to a temporary folder in `base_dir` and renamed
     into place, so TF Serving never sees half a model. Returns the path.
@@ -104,6 +119,9 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
     resize_size = int(resize_size or default_resize)
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
+    max_pixels = int(max_pixels)
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1; got {max_pixels}.")
     top_k = min(int(top_k), num_classes)
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1; got {top_k}.")
@@ -117,7 +135,8 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
     os.makedirs(base_dir, exist_ok=True)
 
     module = ServingModule(_float32_copy(model), class_names, image_size, resize_size,
-                            top_k, outputs_probabilities=_outputs_probabilities(model))
+                            top_k, outputs_probabilities=_outputs_probabilities(model),
+                            max_pixels=max_pixels)
     signatures = {
         SERVING_SIGNATURE: module.serve_image_bytes.get_concrete_function(),
         PREPROCESSED_SIGNATURE: module.serve_images.get_concrete_function(),
@@ -163,7 +182,7 @@ class ServingModule(tf.Module):
     """The exported object: the model, its eval transform and class names."""
 
     def __init__(self, model, class_names, image_size, resize_size, top_k,
-                 outputs_probabilities):
+                 outputs_probabilities, max_pixels=DEFAULT_MAX_PIXELS):
         super().__init__(name="keras_resnext_serving")
         self.model = model
         self.top_k = top_k
@@ -173,32 +192,85 @@ class ServingModule(tf.Module):
                                             name="eval_resize_size")
         self.preprocessing = tf.Variable(PREPROCESSING_NAME, trainable=False,
                                          name="preprocessing")
+        self.max_pixels = tf.Variable(max_pixels, dtype=tf.int64, trainable=False,
+                                      name="max_pixels")
         self.class_names = tf.Variable(class_names, dtype=tf.string, trainable=False,
                                        name="class_names")
         self._image_size = image_size
         self._resize_size = resize_size
+        self._max_pixels = max_pixels
         self.serve_image_bytes = tf.function(
             self._serve_image_bytes,
             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
         )
+        # Loaded signatures do not check the shapes of their inputs (a
+        # [N, 40, 40, 3] batch runs through a [None, 32, 32, 3] signature
+        # and gives wrong classes), and a static shape lets the graph fold
+        # our own check away; so the spatial size is checked in the graph.
         self.serve_images = tf.function(
             self._serve_images,
-            input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32,
+            input_signature=[tf.TensorSpec([None, None, None, None], tf.float32,
                                            name="images")],
         )
         self.describe = tf.function(self._describe, input_signature=[])
 
     def _serve_image_bytes(self, image_bytes):
-        images = tf.map_fn(
-            lambda one: preprocessing.preprocess_for_eval(
-                one, self._image_size, self._resize_size),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec(
-                [self._image_size, self._image_size, 3], tf.float32),
+        count = _assert_not_empty(image_bytes, "image_bytes")
+        format_names, heights, widths = tf.map_fn(
+            preprocessing.read_image_header, image_bytes,
+            fn_output_signature=(tf.string, tf.int64, tf.int64),
         )
-        return self._serve_images(images)
+        problems = preprocessing.header_problem(format_names, heights, widths,
+                                                self._max_pixels)
+        decodable = tf.where(tf.equal(problems, ""))[:, 0]
+        decoded, images = self._decode_each(tf.gather(image_bytes, decodable), decodable)
+        problems = tf.tensor_scatter_nd_update(
+            problems, decodable[:, None],
+            tf.strings.join(["the ", tf.gather(format_names, decodable),
+                             " data could not be decoded (corrupt, truncated or unsupported)"]))
+        problems = tf.tensor_scatter_nd_update(
+            problems, decoded[:, None], tf.fill(tf.shape(decoded), ""))
+        # The model's graph fails on a batch of 0 images (with oneDNN on Zen 4).
+        outputs = tf.cond(tf.size(decoded) > 0, lambda: self._classify(images),
+                          self._no_classes)
+        return _scatter_rows(outputs, decoded, count, problems)
+
+    def _decode_each(self, image_bytes, indices):
+        """`(indices, images)` of the images the decoder accepted.
+
+        A decoder error inside `tf.map_fn` would fail the whole batch; a
+        dataset with `ignore_errors` drops just that image. One image at a
+        time, so one full-size decoded image is held at once.
+        """
+        image_size = self._image_size
+        dataset = tf.data.Dataset.from_tensor_slices((indices, image_bytes)).map(
+            lambda index, one: (index, preprocessing.preprocess_for_eval(
+                one, image_size, self._resize_size)),
+        ).ignore_errors()
+        nothing = tf.data.Dataset.from_tensors(
+            (tf.zeros([0], tf.int64), tf.zeros([0, image_size, image_size, 3], tf.float32)))
+        # batch() yields nothing when every image failed; then the empty batch.
+        batches = dataset.batch(tf.maximum(tf.size(indices, out_type=tf.int64), 1))
+        return batches.concatenate(nothing).take(1).get_single_element()
 
     def _serve_images(self, images):
+        count = _assert_not_empty(images, "images")
+        size = self._image_size
+        shape = tf.shape(images)
+        # Padded, so that a lower rank fails this check rather than the comparison
+        # (a higher one fails ensure_shape below).
+        spatial = tf.concat([shape, [0, 0, 0]], axis=0)[1:4]
+        checked = tf.debugging.Assert(
+            tf.equal(tf.size(shape), 4) & tf.reduce_all(tf.equal(spatial, [size, size, 3])),
+            [f"serving_preprocessed takes float32 images of shape [N, {size}, {size}, 3] "
+             "(see the metadata signature); got shape", shape], summarize=5,
+        )
+        with tf.control_dependencies([checked]):
+            images = tf.ensure_shape(tf.identity(images), [None, size, size, 3])
+        return _scatter_rows(self._classify(images), tf.range(count, dtype=tf.int64), count,
+                             tf.fill([count], ""))
+
+    def _classify(self, images):
         scores = tf.cast(self.model(images, training=False), tf.float32)
         probabilities = scores if self.outputs_probabilities else tf.nn.softmax(scores)
         top = tf.math.top_k(probabilities, k=self.top_k)
@@ -209,10 +281,48 @@ class ServingModule(tf.Module):
             "class_names": tf.gather(self.class_names, top.indices),
         }
 
+    def _no_classes(self):
+        num_classes = int(self.class_names.shape[0])
+        return {
+            "probabilities": tf.zeros([0, num_classes], tf.float32),
+            "classes": tf.zeros([0, self.top_k], tf.int32),
+            "scores": tf.zeros([0, self.top_k], tf.float32),
+            "class_names": tf.zeros([0, self.top_k], tf.string),
+        }
+
     def _describe(self):
         return {
             "image_size": tf.identity(self.eval_image_size),
             "resize_size": tf.identity(self.eval_resize_size),
             "preprocessing": tf.identity(self.preprocessing),
+            "max_pixels": tf.identity(self.max_pixels),
             "class_names": tf.identity(self.class_names),
         }
+
+
+def _assert_not_empty(batch, name):
+    """The batch size, after failing clearly when it is 0."""
+    count = tf.shape(batch, out_type=tf.int64)[0]
+    checked = tf.debugging.Assert(
+        count > 0, [f"{name} is an empty batch: send at least one image"])
+    with tf.control_dependencies([checked]):
+        return tf.identity(count)
+
+
+def _scatter_rows(outputs, rows, count, problems):
+    """`outputs` of the images at `rows` placed in a batch of `count`.
+
+    Images without a row keep the failure values: zero probabilities and
+    scores, class -1, class name "", `valid` false and their `problems`
+    line, prefixed with their index in the batch.
+    """
+    fillers = {"probabilities": 0.0, "classes": -1, "scores": 0.0, "class_names": ""}
+    placed = {}
+    for key, values in outputs.items():
+        shape = tf.concat([[count], tf.shape(values, out_type=tf.int64)[1:]], axis=0)
+        empty = tf.fill(shape, tf.constant(fillers[key], values.dtype))
+        placed[key] = tf.tensor_scatter_nd_update(empty, rows[:, None], values)
+    placed["valid"] = tf.equal(problems, "")
+    prefix = tf.strings.join(["image ", tf.strings.as_string(tf.range(count)), ": "])
+    placed["error"] = tf.where(placed["valid"], "", tf.strings.join([prefix, problems]))
+    return placed

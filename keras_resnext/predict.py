@@ -4,9 +4,12 @@
 
 `--saved_model` is a version folder (`exports/resnext/3`) or the base folder
 TF Serving watches, whose highest version is used. Prints the top classes
-of each image with their probabilities.
+of each image with their probabilities; an image the model cannot read
+(not an image, corrupt, over its pixel limit) gets an error line on stderr,
+the others are still classified, and the exit status is 1.
 """
 
+import collections
 import os
 import sys
 
@@ -26,6 +29,11 @@ class PredictError(Exception):
     """A bad path or file; printed as one line."""
 
 
+Prediction = collections.namedtuple("Prediction", ["path", "top", "error"])
+Prediction.__doc__ = """One image's `top` [(class_name, probability), ...], best first, or
+its `error` line ("" when it was classified)."""
+
+
 def resolve_saved_model(path):
     """`path` itself if it holds saved_model.pb, else its latest version."""
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
@@ -40,7 +48,7 @@ def resolve_saved_model(path):
 
 
 def predict_files(saved_model_dir, paths, top=5):
-    """[(path, [(class_name, probability), ...]), ...], best class first."""
+    """A `Prediction` for each of `paths`, in order, from one batch."""
     import tensorflow as tf
 
     for path in paths:
@@ -48,18 +56,27 @@ def predict_files(saved_model_dir, paths, top=5):
             raise PredictError(f"Image file {path} does not exist.")
     loaded = tf.saved_model.load(saved_model_dir)
     serve = loaded.signatures[SERVING_SIGNATURE]
-    results = []
+    contents = []
     for path in paths:
         with open(path, "rb") as f:
-            image_bytes = f.read()
-        try:
-            outputs = serve(image_bytes=tf.constant([image_bytes]))
-        except tf.errors.InvalidArgumentError:
-            raise PredictError(f"{path} is not a readable JPEG, PNG, GIF or BMP image.") from None
-        names = [name.decode("utf-8") for name in outputs["class_names"].numpy()[0]]
-        scores = outputs["scores"].numpy()[0].tolist()
-        results.append((path, list(zip(names, scores))[:top]))
-    return results
+            contents.append(f.read())
+    try:
+        outputs = serve(image_bytes=tf.constant(contents))
+    except tf.errors.InvalidArgumentError as error:
+        # SavedModels exported before per-image errors fail the whole batch.
+        raise PredictError(f"The batch failed: {error.message.splitlines()[-1]}") from None
+    valid = outputs["valid"].numpy() if "valid" in outputs else [True] * len(paths)
+    predictions = []
+    for index, path in enumerate(paths):
+        if not valid[index]:
+            # "image 3: not a JPEG, ..." names the batch position; name the file.
+            reason = outputs["error"][index].numpy().decode("utf-8").split(": ", 1)[-1]
+            predictions.append(Prediction(path, [], f"{path}: {reason}"))
+            continue
+        names = [name.decode("utf-8") for name in outputs["class_names"][index].numpy()]
+        scores = outputs["scores"][index].numpy().tolist()
+        predictions.append(Prediction(path, list(zip(names, scores))[:top], ""))
+    return predictions
 
 
 def main(argv):
@@ -72,11 +89,14 @@ def main(argv):
     except PredictError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
-    for path, top in results:
-        print(path)
-        for rank, (name, probability) in enumerate(top, start=1):
+    for prediction in results:
+        if prediction.error:
+            print(f"Error: {prediction.error}", file=sys.stderr)
+            continue
+        print(prediction.path)
+        for rank, (name, probability) in enumerate(prediction.top, start=1):
             print(f"  {rank}. {name:<30s} {probability:.4f}")
-    return 0
+    return 1 if any(prediction.error for prediction in results) else 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ result = dict(served=to_list(served), preprocessed=to_list(preprocessed),
               keras_resnext_imported=any(m.startswith("keras_resnext") for m in sys.modules))
 for outputs in (result["served"], result["preprocessed"]):
     outputs["class_names"] = decode(outputs["class_names"])
+    outputs["error"] = [s.decode() for s in outputs["error"]]
 result["metadata"]["class_names"] = [s.decode() for s in result["metadata"]["class_names"]]
 result["metadata"]["preprocessing"] = result["metadata"]["preprocessing"].decode()
 print("RESULT" + json.dumps(result))
@@ -96,8 +97,11 @@ def test_served_probabilities_match_the_keras_model_in_a_fresh_process(tmp_path)
         np.testing.assert_allclose(outputs["scores"], np.take_along_axis(expected, best, 1),
                                    atol=2e-6)
         assert outputs["class_names"] == [[CLASS_NAMES[i] for i in row] for row in best]
+        assert outputs["valid"] == [True] * len(paths)
+        assert outputs["error"] == [""] * len(paths)
     assert result["metadata"] == dict(image_size=32, resize_size=36, class_names=CLASS_NAMES,
-                                      preprocessing="keras_resnext.preprocess_for_eval")
+                                      preprocessing="keras_resnext.preprocess_for_eval",
+                                      max_pixels=export.DEFAULT_MAX_PIXELS)
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         graph = f.read()
     assert b"_XlaMustCompile" not in graph
