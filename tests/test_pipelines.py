@@ -5,10 +5,8 @@ TFDS datasets mocked with `tfds.testing.mock_data`.
 """
 
 import io
-import json
 import os
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ import keras_resnext
 import pipelines
 from pipelines import cifar, imagenet
 from pipelines.sources import count_tfrecords
+from tfrecord_files import corrupt_record_data, write_tfrecords
 
 import tensorflow as tf  # noqa: E402  After keras_resnext, which sets TF's options.
 
@@ -513,27 +512,6 @@ def test_validation_directory_is_the_val_split(tmp_path):
 # TFRecords in the layout of TF's build_imagenet_data.py
 
 
-def tf_example(image_bytes, label):
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"JPEG"])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def write_tfrecords(directory, split, num_files, examples):
-    """Spreads (image_bytes, label) over `split-0000i-of-0000n` files."""
-    paths = []
-    for shard in range(num_files):
-        path = os.path.join(directory, f"{split}-{shard:05d}-of-{num_files:05d}")
-        with tf.io.TFRecordWriter(path) as writer:
-            for image_bytes, label in examples[shard::num_files]:
-                writer.write(tf_example(image_bytes, label))
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def tfrecord_directory(tmp_path_factory):
     """1-based labels in 0..4 train files (3 files) and validation (1 file)."""
@@ -614,20 +592,6 @@ def test_unreadable_tfrecord_images_are_skipped_and_named(tmp_path, capfd):
     assert count_tfrecords(path) == 3
 
 
-def corrupt_record_data(path, index):
-    """Flips one byte of record `index`'s data, so that its data CRC fails."""
-    with open(path, "r+b") as f:
-        offset = 0
-        for _ in range(index):
-            f.seek(offset)
-            (length,) = struct.unpack("<Q", f.read(8))
-            offset += 8 + 4 + length + 4  # length, its CRC, the data, its CRC
-        f.seek(offset + 12)
-        first = f.read(1)
-        f.seek(offset + 12)
-        f.write(bytes([first[0] ^ 0xFF]))
-
-
 def write_corrupt_validation_file(directory, size=8, num_records=32, corrupt_index=20):
     examples = [(encode(identity_pixels(i, 0, size, size)), 1) for i in range(num_records)]
     (path,) = write_tfrecords(directory, "validation", 1, examples)
@@ -664,38 +628,6 @@ def test_a_corrupt_tfrecord_leaves_the_other_files_whole(tmp_path, capfd):
                 input_context=context))[1])
         assert sorted(index for index, _ in found) == [0, 1, 2, 3, 5, 7, 9, 11]
         assert f"{first} record 2 (records 2-5 of 6 lost)" in capfd.readouterr().err
-
-
-def test_evaluation_says_and_records_how_many_examples_it_covered(tmp_path, capfd):
-    training = pytest.importorskip("keras_resnext.training")
-    write_corrupt_validation_file(str(tmp_path), size=16)
-    train_examples = [(encode(identity_pixels(i, 0, 16, 16)), 1) for i in range(8)]
-    write_tfrecords(str(tmp_path), "train", 1, train_examples)
-    source = f"tfrecord:{tmp_path}"
-
-    def split(name):
-        info = pipelines.describe_source(source, name, tfrecord_num_classes=2)
-        return training.Split(
-            lambda batch_size, context: pipelines.build_dataset(
-                source, name, batch_size, name == "train", image_size=16,
-                tfrecord_num_classes=2, input_context=context),
-            info.num_examples)
-
-    lines = []
-    config = training.TrainConfig(model_dir=str(tmp_path / "model"), epochs=1, batch_size=4,
-                                  learning_rate=0.01, weight_decay=0.0, steps_per_epoch=1,
-                                  validation_freq=0)
-    model_fn = lambda: keras_resnext.ResNeXt29(  # noqa: E731
-        depth=11, cardinality=2, width=4, classes=2, input_shape=(16, 16, 3),
-        classifier_activation=None)
-    training.train(model_fn, split("train"), split("val"), config,
-                   log=lambda *args, **kwargs: lines.append(" ".join(map(str, args))))
-    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
-    assert (metrics["eval_examples"], metrics["eval_examples_expected"]) == (20, 32)
-    assert any(line.startswith("Final evaluation on 20 of 32 examples") for line in lines), lines
-    report = capfd.readouterr().err
-    assert "evaluated 20 of 32 examples: 12 could not be read" in report, report
-    assert "record 20 (records 20-31 of 32 lost)" in report
 
 
 def test_tfrecord_pattern_errors_name_the_pattern(tmp_path):
