@@ -351,19 +351,24 @@ def count_tfrecords(path):
 def _count_tfrecords(path, length, mtime_nsec):
     del mtime_nsec  # Part of the cache key only.
     # Each record is: uint64 length, uint32 CRC, data, uint32 CRC.
+    # Without its lengths the file's count is unknown: that stops the run,
+    # where a corrupt record's data (see `_keyed_tfrecords`) does not.
     count = 0
     offset = 0
     with tf.io.gfile.GFile(path, "rb") as f:
         while offset < length:
             f.seek(offset)
             header = f.read(8)
-            if len(header) < 8:
-                raise ValueError(f"Truncated TFRecord header at byte {offset} of {path}.")
-            (data_length,) = struct.unpack("<Q", header)
-            offset += 8 + 4 + data_length + 4
+            record_end = length + 1  # past the end, unless the header is whole
+            if len(header) == 8:
+                record_end = offset + 8 + 4 + struct.unpack("<Q", header)[0] + 4
+            if record_end > length:
+                raise ValueError(
+                    f"TFRecord file {path} ends inside record {count} (at byte {offset}): "
+                    "the file is truncated or the record's length is corrupt."
+                )
+            offset = record_end
             count += 1
-    if offset != length:
-        raise ValueError(f"TFRecord file {path} ends inside a record.")
     return count
 
 

@@ -7,6 +7,7 @@ TFDS datasets mocked with `tfds.testing.mock_data`.
 import io
 import os
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import keras_resnext
 import pipelines
 from pipelines import cifar, imagenet
 from pipelines.sources import count_tfrecords
-from tfrecord_files import corrupt_record_data, write_tfrecords
+from tfrecord_files import corrupt_record_data, tf_example, write_tfrecords
 
 import tensorflow as tf  # noqa: E402  After keras_resnext, which sets TF's options.
 
@@ -628,6 +629,22 @@ def test_a_corrupt_tfrecord_leaves_the_other_files_whole(tmp_path, capfd):
                 input_context=context))[1])
         assert sorted(index for index, _ in found) == [0, 1, 2, 3, 5, 7, 9, 11]
         assert f"{first} record 2 (records 2-5 of 6 lost)" in capfd.readouterr().err
+
+
+def test_a_tfrecord_file_without_its_record_lengths_names_the_file_and_record(tmp_path):
+    examples = [(encode(identity_pixels(i, 0, 8, 8)), 1) for i in range(3)]
+    (path,) = write_tfrecords(str(tmp_path), "validation", 1, examples)
+    with open(path, "rb") as f:
+        data = f.read()
+    record_2 = len(data) - (8 + 4 + len(tf_example(examples[2][0], 1)) + 4)
+    truncated = data[:-5]
+    length_corrupt = data[:record_2] + struct.pack("<Q", 1 << 40) + data[record_2 + 8:]
+    for broken in (truncated, length_corrupt):
+        with open(path, "wb") as f:
+            f.write(broken)
+        with pytest.raises(ValueError, match=re.escape(f"TFRecord file {path} ends inside "
+                                                       f"record 2 (at byte {record_2})")):
+            pipelines.describe_source(f"tfrecord:{tmp_path}", "val")
 
 
 def test_tfrecord_pattern_errors_name_the_pattern(tmp_path):
