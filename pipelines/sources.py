@@ -310,33 +310,28 @@ def _keyed_tfrecords(path, num_records, unreadable):
     """`(key, record)` of one file, up to its first corrupt record.
 
     tf.data's reader fails there (DataLossError) and goes no further in that
-    file; `ignore_errors` ends the file's stream at the failure, and a marker
-    after the stream tells `unreadable` how many of `num_records` were read.
+    file; `ignore_errors` ends the file's stream at the failure. A marker after
+    the stream, numbered like a record, tells `unreadable` how many of
+    `num_records` were read. (Zip, concatenate and enumerate cost little per
+    record; a scan would cost more than the filter.)
     """
+    records = tf.data.TFRecordDataset(path).ignore_errors()
+    not_end = tf.data.Dataset.from_tensors(False).repeat()
     end_of_file = tf.data.Dataset.from_tensors((tf.constant(""), True))
-    marked = (
-        tf.data.TFRecordDataset(path).ignore_errors()
-        .map(lambda record: (record, False))
-        .concatenate(end_of_file)
-    )
-    numbered = marked.scan(
-        tf.constant(0, tf.int64),
-        lambda index, element: (index + 1, (index, *element)),
-    )
+    numbered = tf.data.Dataset.zip(records, not_end).concatenate(end_of_file).enumerate()
 
-    def is_record(index, record, at_end):
-        del record
-
+    def is_record(index, record_and_end):
         def note_records_read():
-            # At the marker, `index` is the number of records read.
+            # The marker's index is the number of records read.
             with tf.control_dependencies([unreadable.file_read(path, index, num_records)]):
                 return tf.constant(False)
 
-        return tf.cond(at_end, note_records_read, lambda: tf.constant(True))
+        return tf.cond(record_and_end[1], note_records_read, lambda: tf.constant(True))
 
     return numbered.filter(is_record).map(
-        lambda index, record, at_end: (
-            tf.strings.join([path, " record ", tf.strings.as_string(index)]), record
+        lambda index, record_and_end: (
+            tf.strings.join([path, " record ", tf.strings.as_string(index)]),
+            record_and_end[0],
         )
     )
 
