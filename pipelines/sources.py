@@ -312,8 +312,8 @@ def _keyed_tfrecords(path, num_records, unreadable):
     tf.data's reader fails there (DataLossError) and goes no further in that
     file; `ignore_errors` ends the file's stream at the failure. A marker after
     the stream, numbered like a record, tells `unreadable` how many of
-    `num_records` were read. (Zip, concatenate and enumerate cost little per
-    record; a scan would cost more than the filter.)
+    `num_records` were read. (Zip and enumerate add little per record; a scan
+    that counted them would cost as much as the filter.)
     """
     records = tf.data.TFRecordDataset(path).ignore_errors()
     not_end = tf.data.Dataset.from_tensors(False).repeat()
