@@ -408,12 +408,13 @@ def _skip_everywhere_if_any_nonfinite(gradients):
     return [g + tf.cast(poison, g.dtype) for g in gradients]
 
 
-def make_evaluate(model, strategy, distributed_dataset):
+def make_evaluate(model, strategy, distributed_dataset, expected_examples=None):
     """A function that evaluates `model` on one pass of `distributed_dataset`
     and returns its top-1, top-5, mean cross-entropy and example count.
 
     At the end of a pass some replicas may get empty batches; every example
-    is counted exactly once.
+    is counted exactly once. With `expected_examples` (the split's size), the
+    result holds it too, and a pass that covers fewer examples says so.
     """
     num_classes = model.output_shape[-1]
     top_k = min(5, num_classes)
@@ -451,8 +452,12 @@ def make_evaluate(model, strategy, distributed_dataset):
         loss_sum, top1, top5, count = totals
         if count == 0:
             raise UserError("The validation split yielded no examples.")
+        if expected_examples is not None and count < expected_examples:
+            print(f"training: evaluated {int(count)} of {expected_examples} examples: "
+                  f"{expected_examples - int(count)} could not be read (the input "
+                  "pipeline's report names them).", file=sys.stderr, flush=True)
         return dict(loss=loss_sum / count, top1=top1 / count, top5=top5 / count,
-                    num_examples=int(count))
+                    num_examples=int(count), num_examples_expected=expected_examples)
 
     return evaluate
 
@@ -748,7 +753,8 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     average_local_state = make_average_local_state(strategy, local_state)
     train_data = _distribute(strategy, train_split, config.batch_size, repeat=True)
     evaluate = make_evaluate(
-        model, strategy, _distribute(strategy, val_split, config.batch_size, repeat=False))
+        model, strategy, _distribute(strategy, val_split, config.batch_size, repeat=False),
+        val_split.num_examples)
     iterator = iter(train_data) if start_epoch < config.epochs else None
 
     ema = _EmaSwap(strategy, model, ema_weights)
@@ -783,14 +789,15 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     ema.swap_in()
     if final is None:
         final = evaluate()
-    say(f"Final evaluation on {final['num_examples']} examples: top1 {final['top1']:.4f} "
+    say(f"Final evaluation on {final['num_examples']} of {val_split.num_examples} examples: "
+        f"top1 {final['top1']:.4f} "
         f"- top5 {final['top5']:.4f} - loss {final['loss']:.4f}", flush=True)
     # A rerun with nothing left to train keeps the training figures it found.
     previous = _read_metrics(config.model_dir) if not last_train else {}
     metrics = dict(
         epochs_completed=int(completed_epochs.numpy()),
         top1=float(final["top1"]), top5=float(final["top5"]), loss=float(final["loss"]),
-        eval_examples=final["num_examples"],
+        eval_examples=final["num_examples"], eval_examples_expected=val_split.num_examples,
         images_per_sec=throughput.images_per_sec() or previous.get("images_per_sec"),
         num_workers=num_workers, num_replicas=strategy.num_replicas_in_sync,
         global_batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
@@ -931,4 +938,5 @@ def evaluate_model(model, val_split, batch_size, strategy=None):
     strategy's scope."""
     strategy = strategy or tf.distribute.get_strategy()
     return make_evaluate(
-        model, strategy, _distribute(strategy, val_split, batch_size, repeat=False))()
+        model, strategy, _distribute(strategy, val_split, batch_size, repeat=False),
+        val_split.num_examples)()

@@ -56,6 +56,9 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
 
     Unreadable images (truncated, corrupt, empty) are skipped; at the end of
     each pass the pipeline prints to stderr how many it skipped and a few names.
+    A corrupt TFRecord ends the reading of its file (nothing after it can be
+    found reliably); the pass's report names the file and the record, and
+    counts the records lost.
     """
     opened = open_source(
         source, data_dir=data_dir, manual_dir=manual_dir,
@@ -90,11 +93,11 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
     if seed is not None:
         seed += shard_index
 
+    unreadable = UnreadableFiles(f"{source} {split}")
     records = opened.records(
         split, shuffle=training, shuffle_buffer=shuffle_buffer, seed=seed,
-        num_shards=num_shards, shard_index=shard_index,
+        num_shards=num_shards, shard_index=shard_index, unreadable=unreadable,
     )
-    unreadable = UnreadableFiles(f"{source} {split}")
 
     def load(key, payload, element_seed=None):
         with tf.control_dependencies([unreadable.started(key)]):
@@ -172,6 +175,9 @@ class UnreadableFiles:
     Each key goes into a table before its element is loaded and leaves it once
     the image exists. Every pass tries every key again, so at the end of a
     pass the table holds exactly that pass's failures.
+
+    Files of records that stop early (a corrupt TFRecord) are kept in a second
+    table, file -> [records read, records in the file], for the same report.
     """
 
     def __init__(self, description, listed=UNREADABLE_FILES_LISTED):
@@ -179,6 +185,9 @@ class UnreadableFiles:
         self.listed = listed
         self.table = tf.lookup.experimental.MutableHashTable(
             key_dtype=tf.string, value_dtype=tf.int64, default_value=0
+        )
+        self.files_cut_short = tf.lookup.experimental.MutableHashTable(
+            key_dtype=tf.string, value_dtype=tf.int64, default_value=[0, 0]
         )
 
     def started(self, key):
@@ -190,6 +199,20 @@ class UnreadableFiles:
 
     def keys(self):
         return self.table.export()[0]
+
+    def file_read(self, path, records_read, num_records):
+        """Note that this pass read `records_read` of the file's `num_records`."""
+
+        def cut_short():
+            counts = tf.stack([records_read, num_records])
+            with tf.control_dependencies([self.files_cut_short.insert(path[None], counts[None])]):
+                return tf.constant(True)
+
+        def whole():
+            with tf.control_dependencies([self.files_cut_short.remove(path[None])]):
+                return tf.constant(False)
+
+        return tf.cond(records_read < num_records, cut_short, whole)
 
     def report_at_end(self, element_spec):
         """An empty dataset that, once reached, prints what failed in the pass."""
@@ -205,6 +228,23 @@ class UnreadableFiles:
                     tf.strings.reduce_join(keys[:self.listed], separator=", "),
                 ])
                 # A known scalar shape makes tf.print write the string unquoted.
+                tf.print(tf.reshape(message, []), output_stream=sys.stderr)
+            paths, counts = self.files_cut_short.export()
+            if tf.size(paths) > 0:
+                records_read, num_records = counts[:, 0], counts[:, 1]
+                lost = tf.strings.as_string(tf.reduce_sum(num_records - records_read))
+                places = tf.strings.join([
+                    paths, " record ", tf.strings.as_string(records_read), " (records ",
+                    tf.strings.as_string(records_read), "-",
+                    tf.strings.as_string(num_records - 1), " of ",
+                    tf.strings.as_string(num_records), " lost)",
+                ])
+                message = tf.strings.join([
+                    "pipelines: lost ", lost, f" record(s) in this pass of {self.description}"
+                    " to ", tf.strings.as_string(tf.size(paths)), " corrupt record(s), "
+                    "as a TFRecord file cannot be read past one: ",
+                    tf.strings.reduce_join(places[:self.listed], separator=", "),
+                ])
                 tf.print(tf.reshape(message, []), output_stream=sys.stderr)
             return False
 

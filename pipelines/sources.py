@@ -17,6 +17,11 @@ or reads the TFDS metadata once; `describe(split)` gives a `SplitInfo`, and
 or record for messages and `parse(payload)` gives `(image_bytes, label)`
 inside the pipeline, so that reading and parsing failures are handled like
 decoding ones.
+
+A corrupt TFRecord (a length or CRC that does not check) ends the reading of
+its file, as in tf.data and TFDS, which read through the same reader: the
+format has no sync marker, so the next record cannot be found reliably. The
+records lost that way are counted and named (`UnreadableFiles.file_read`).
 """
 
 import dataclasses
@@ -188,8 +193,10 @@ class FolderSource:
         paths, _ = self._split_files(split)
         return _preprocessing_from_samples(_readable_files(paths[:SNIFFED_IMAGES]))
 
-    def records(self, split, *, shuffle, shuffle_buffer, seed, num_shards, shard_index):
-        del shuffle_buffer  # The paths are shuffled completely instead.
+    def records(self, split, *, shuffle, shuffle_buffer, seed, num_shards, shard_index,
+                unreadable):
+        # The paths are shuffled completely instead; unreadable files fail in `parse`.
+        del shuffle_buffer, unreadable
         paths, labels = self._split_files(split)
         dataset = tf.data.Dataset.from_tensor_slices(
             (tf.constant(paths), tf.constant(labels, tf.int32))
@@ -253,15 +260,20 @@ class TFRecordSource:
 
     def native_preprocessing(self, split):
         files = self._split_files(split)
-        records = tf.data.TFRecordDataset(files[:1]).take(SNIFFED_IMAGES)
+        records = tf.data.TFRecordDataset(files[:1]).ignore_errors().take(SNIFFED_IMAGES)
         return _preprocessing_from_samples(
             self.parse(record)[0] for record in records
         )
 
-    def records(self, split, *, shuffle, shuffle_buffer, seed, num_shards, shard_index):
+    def records(self, split, *, shuffle, shuffle_buffer, seed, num_shards, shard_index,
+                unreadable):
         files = self._split_files(split)
+        files_and_counts = (
+            files, tf.constant([count_tfrecords(path) for path in files], tf.int64)
+        )
+        keyed_tfrecords = functools.partial(_keyed_tfrecords, unreadable=unreadable)
         if len(files) >= num_shards:
-            file_dataset = tf.data.Dataset.from_tensor_slices(files).shard(
+            file_dataset = tf.data.Dataset.from_tensor_slices(files_and_counts).shard(
                 num_shards, shard_index
             )
             if shuffle:
@@ -269,7 +281,7 @@ class TFRecordSource:
                     len(files), seed=seed, reshuffle_each_iteration=True
                 )
             records = file_dataset.interleave(
-                _keyed_tfrecords,
+                keyed_tfrecords,
                 cycle_length=min(len(files), TFRECORD_CYCLE_LENGTH),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
@@ -277,8 +289,8 @@ class TFRecordSource:
             # Fewer files than workers: read them in a fixed order and take
             # every num_shards-th record, so the shards still partition the split.
             records = (
-                tf.data.Dataset.from_tensor_slices(files)
-                .flat_map(_keyed_tfrecords)
+                tf.data.Dataset.from_tensor_slices(files_and_counts)
+                .flat_map(keyed_tfrecords)
                 .shard(num_shards, shard_index)
             )
         if shuffle:
@@ -294,10 +306,32 @@ class TFRecordSource:
         return features["image/encoded"], tf.cast(label, tf.int32)
 
 
-def _keyed_tfrecords(path):
-    return tf.data.TFRecordDataset(path).enumerate().map(
-        lambda index, record: (
-            tf.strings.join([path, " record ", tf.strings.as_string(index)]), record
+def _keyed_tfrecords(path, num_records, unreadable):
+    """`(key, record)` of one file, up to its first corrupt record.
+
+    tf.data's reader fails there (DataLossError) and goes no further in that
+    file; `ignore_errors` ends the file's stream at the failure. A marker after
+    the stream, numbered like a record, tells `unreadable` how many of
+    `num_records` were read. (Zip and enumerate add little per record; a scan
+    that counted them would cost as much as the filter.)
+    """
+    records = tf.data.TFRecordDataset(path).ignore_errors()
+    not_end = tf.data.Dataset.from_tensors(False).repeat()
+    end_of_file = tf.data.Dataset.from_tensors((tf.constant(""), True))
+    numbered = tf.data.Dataset.zip(records, not_end).concatenate(end_of_file).enumerate()
+
+    def is_record(index, record_and_end):
+        def note_records_read():
+            # The marker's index is the number of records read.
+            with tf.control_dependencies([unreadable.file_read(path, index, num_records)]):
+                return tf.constant(False)
+
+        return tf.cond(record_and_end[1], note_records_read, lambda: tf.constant(True))
+
+    return numbered.filter(is_record).map(
+        lambda index, record_and_end: (
+            tf.strings.join([path, " record ", tf.strings.as_string(index)]),
+            record_and_end[0],
         )
     )
 
@@ -312,19 +346,24 @@ def count_tfrecords(path):
 def _count_tfrecords(path, length, mtime_nsec):
     del mtime_nsec  # Part of the cache key only.
     # Each record is: uint64 length, uint32 CRC, data, uint32 CRC.
+    # Without its lengths the file's count is unknown: that stops the run,
+    # where a corrupt record's data (see `_keyed_tfrecords`) does not.
     count = 0
     offset = 0
     with tf.io.gfile.GFile(path, "rb") as f:
         while offset < length:
             f.seek(offset)
             header = f.read(8)
-            if len(header) < 8:
-                raise ValueError(f"Truncated TFRecord header at byte {offset} of {path}.")
-            (data_length,) = struct.unpack("<Q", header)
-            offset += 8 + 4 + data_length + 4
+            record_end = length + 1  # past the end, unless the header is whole
+            if len(header) == 8:
+                record_end = offset + 8 + 4 + struct.unpack("<Q", header)[0] + 4
+            if record_end > length:
+                raise ValueError(
+                    f"TFRecord file {path} ends inside record {count} (at byte {offset}): "
+                    "the file is truncated or the record's length is corrupt."
+                )
+            offset = record_end
             count += 1
-    if offset != length:
-        raise ValueError(f"TFRecord file {path} ends inside a record.")
     return count
 
 
@@ -375,7 +414,11 @@ class TFDSSource:
         del split  # TFDS features fix the image size for all splits.
         return self.preprocessing
 
-    def records(self, split, *, shuffle, shuffle_buffer, seed, num_shards, shard_index):
+    def records(self, split, *, shuffle, shuffle_buffer, seed, num_shards, shard_index,
+                unreadable):
+        # TFDS reads its files itself; what it cannot read shows only in the
+        # example count (see `keras_resnext.training.make_evaluate`).
+        del unreadable
         tfds = self._tfds
         tfds_split = self._tfds_split(split)
         if num_shards > 1:

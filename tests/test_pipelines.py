@@ -7,6 +7,7 @@ TFDS datasets mocked with `tfds.testing.mock_data`.
 import io
 import os
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import keras_resnext
 import pipelines
 from pipelines import cifar, imagenet
 from pipelines.sources import count_tfrecords
+from tfrecord_files import corrupt_record_data, tf_example, write_tfrecords
 
 import tensorflow as tf  # noqa: E402  After keras_resnext, which sets TF's options.
 
@@ -511,27 +513,6 @@ def test_validation_directory_is_the_val_split(tmp_path):
 # TFRecords in the layout of TF's build_imagenet_data.py
 
 
-def tf_example(image_bytes, label):
-    feature = {
-        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"JPEG"])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def write_tfrecords(directory, split, num_files, examples):
-    """Spreads (image_bytes, label) over `split-0000i-of-0000n` files."""
-    paths = []
-    for shard in range(num_files):
-        path = os.path.join(directory, f"{split}-{shard:05d}-of-{num_files:05d}")
-        with tf.io.TFRecordWriter(path) as writer:
-            for image_bytes, label in examples[shard::num_files]:
-                writer.write(tf_example(image_bytes, label))
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def tfrecord_directory(tmp_path_factory):
     """1-based labels in 0..4 train files (3 files) and validation (1 file)."""
@@ -610,6 +591,60 @@ def test_unreadable_tfrecord_images_are_skipped_and_named(tmp_path, capfd):
     assert f"skipped 1 unreadable image(s) in this pass of tfrecord:{tmp_path} train" in report
     assert f"{path} record 1" in report
     assert count_tfrecords(path) == 3
+
+
+def write_corrupt_validation_file(directory, size=8, num_records=32, corrupt_index=20):
+    examples = [(encode(identity_pixels(i, 0, size, size)), 1) for i in range(num_records)]
+    (path,) = write_tfrecords(directory, "validation", 1, examples)
+    corrupt_record_data(path, corrupt_index)
+    return path
+
+
+def test_a_corrupt_tfrecord_is_reported_by_file_and_index_and_counted(tmp_path, capfd):
+    path = write_corrupt_validation_file(str(tmp_path))
+    source = f"tfrecord:{tmp_path}"
+    assert pipelines.describe_source(source, "val", tfrecord_num_classes=2).num_examples == 32
+    dataset = pipelines.build_dataset(source, "val", 8, False, image_size=8,
+                                      tfrecord_num_classes=2)
+    for _ in range(2):  # every pass reports its own losses
+        sizes, images, _ = pass_of(dataset)
+        # TFRecord files cannot be read past a corrupt record: 0-19 remain.
+        assert sorted(index for index, _ in identities(images)) == list(range(20))
+        report = capfd.readouterr().err
+        assert (f"lost 12 record(s) in this pass of {source} val to 1 corrupt record(s)"
+                in report), report
+        assert f"{path} record 20 (records 20-31 of 32 lost)" in report
+
+
+def test_a_corrupt_tfrecord_leaves_the_other_files_whole(tmp_path, capfd):
+    examples = [(encode(identity_pixels(i, 0, 8, 8)), 1) for i in range(12)]
+    first, second = write_tfrecords(str(tmp_path), "train", 2, examples)
+    corrupt_record_data(first, 2)  # the first file holds examples 0, 2, 4, ...
+    for shards in (1, 3):  # files interleaved, and every file read by every shard
+        found = []
+        for shard in range(shards):
+            context = tf.distribute.InputContext(shards, shard, shards)
+            found += identities(pass_of(pipelines.build_dataset(
+                f"tfrecord:{tmp_path}", "train", 12, False, image_size=8,
+                input_context=context))[1])
+        assert sorted(index for index, _ in found) == [0, 1, 2, 3, 5, 7, 9, 11]
+        assert f"{first} record 2 (records 2-5 of 6 lost)" in capfd.readouterr().err
+
+
+def test_a_tfrecord_file_without_its_record_lengths_names_the_file_and_record(tmp_path):
+    examples = [(encode(identity_pixels(i, 0, 8, 8)), 1) for i in range(3)]
+    (path,) = write_tfrecords(str(tmp_path), "validation", 1, examples)
+    with open(path, "rb") as f:
+        data = f.read()
+    record_2 = len(data) - (8 + 4 + len(tf_example(examples[2][0], 1)) + 4)
+    truncated = data[:-5]
+    length_corrupt = data[:record_2] + struct.pack("<Q", 1 << 40) + data[record_2 + 8:]
+    for broken in (truncated, length_corrupt):
+        with open(path, "wb") as f:
+            f.write(broken)
+        with pytest.raises(ValueError, match=re.escape(f"TFRecord file {path} ends inside "
+                                                       f"record 2 (at byte {record_2})")):
+            pipelines.describe_source(f"tfrecord:{tmp_path}", "val")
 
 
 def test_tfrecord_pattern_errors_name_the_pattern(tmp_path):

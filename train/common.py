@@ -194,7 +194,8 @@ def execute(run):
         with strategy.scope():
             model = model_fn()
         metrics = training.evaluate_model(model, val_split, run.batch_size, strategy)
-        print(f"{run.weights} on {run.dataset} val ({metrics['num_examples']} images): "
+        print(f"{run.weights} on {run.dataset} val ({metrics['num_examples']} of "
+              f"{metrics['num_examples_expected']} images): "
               f"top1 {metrics['top1']:.4f} - top5 {metrics['top5']:.4f}", flush=True)
         if run.model_dir and training.is_chief(strategy):
             os.makedirs(run.model_dir, exist_ok=True)
