@@ -58,7 +58,8 @@ EXPORT_RECORD_NAME = "export.json"
 RUN_SETTINGS = ("batch_size", "steps_per_epoch", "learning_rate", "lr_schedule",
                 "lr_decay_rate", "warmup_epochs", "weight_decay", "momentum", "nesterov",
                 "label_smoothing", "mixed_precision", "ema_decay")
-SETTING_FLAGS = {"learning_rate": "--lr (the peak learning rate)"}
+SETTING_FLAGS = {"learning_rate": "--lr (the peak learning rate)",
+                 "steps_per_epoch": "--steps_per_epoch (given, or training examples // batch)"}
 
 
 class UserError(Exception):
@@ -1020,9 +1021,9 @@ def _print(*args, **kwargs):
 
 
 def _epoch_iterator(strategy, split, config, epoch):
-    # Seeds that the pipeline leaves implicit, and the explicit op seeds it
-    # passes, are both drawn from the global seed, so this fixes the epoch's
-    # order and augmentation from (seed, epoch) alone.
+    # TensorFlow combines every random op's seed, given or not, with the
+    # global seed, so the epoch's shuffles and augmentation seeds follow from
+    # (seed, epoch) alone, however many epochs this process has run.
     base_seed = 0 if config.seed is None else config.seed
     tf.random.set_seed(int(np.random.SeedSequence([base_seed % 2**32, epoch]).generate_state(1)[0]))
     return iter(_distribute(strategy, split, config.batch_size, repeat=True))

@@ -218,7 +218,24 @@ def test_a_rerun_of_a_finished_run_does_not_export_again(tmp_path):
 
 # -- deterministic resumption ---------------------------------------------------------
 
-def test_a_seeded_run_resumed_after_a_stop_equals_the_uninterrupted_run(tmp_path, data):
+def folder_split(root, split_name):
+    pipelines = pytest.importorskip("pipelines")
+
+    def dataset_fn(batch_size, input_context):
+        return pipelines.build_dataset(
+            f"folder:{root}", split_name, batch_size, training=split_name == "train",
+            image_size=16, preprocessing="cifar", deterministic=True, seed=5,
+            input_context=input_context)
+
+    return training.Split(dataset_fn, 24 if split_name == "train" else 3)
+
+
+@pytest.mark.parametrize("source", ["in-memory", "folder"])
+def test_a_seeded_run_resumed_after_a_stop_equals_the_uninterrupted_run(
+        tmp_path, data, source):
+    if source == "folder":  # shuffled paths, random crops and flips from the seed
+        root = write_image_folder(str(tmp_path / "images"), train_per_class=8, val_per_class=1)
+        data = folder_split(root, "train"), folder_split(root, "val")
     whole = training.train(tiny_model, *data, config(tmp_path / "whole", epochs=3), log=quiet)
     # Stopped after epoch 1 (all a kill leaves is the checkpoint), then resumed.
     training.train(tiny_model, *data, config(tmp_path / "resumed", epochs=1), log=quiet)
