@@ -893,10 +893,11 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     model holds the final weights (the EMA if `config.ema_decay`).
 
     The chief holds `model_dir`'s lock (`ModelDirLock`) for the run, and a
-    resume must keep the `RUN_SETTINGS` its checkpoint records. Each epoch's
-    input is built afresh under a TensorFlow global seed derived from
-    `config.seed` (0 if None) and the epoch, so a resumed run sees the data
-    order and augmentation the uninterrupted run would have seen.
+    resume must keep the `RUN_SETTINGS` its checkpoint records. Unless
+    `config.steps_per_epoch` is given, each epoch's input is built afresh
+    under a TensorFlow global seed derived from `config.seed` (0 if None) and
+    the epoch, so a resumed run sees the data order and augmentation the
+    uninterrupted run would have seen.
     """
     strategy = strategy or tf.distribute.get_strategy()
     with _lock_for_run(config.model_dir, strategy):
@@ -962,11 +963,16 @@ def _train(model_fn, train_split, val_split, config, strategy, log):
 
     ema = _EmaSwap(strategy, model, ema_weights)
     throughput = _Throughput()
-    last_train, final = {}, None
+    last_train, final, iterator = {}, None, None
     for epoch in range(start_epoch, config.epochs):
         log(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
         learning_rate = float(optimizer.learning_rate.numpy())
-        iterator = _epoch_iterator(strategy, train_split, config, epoch)
+        # An epoch that is a pass (the default) starts its own, so a resumed
+        # run repeats the uninterrupted one. Shorter --steps_per_epoch epochs
+        # continue one stream: fresh passes would keep a shuffle buffer's
+        # examples from the start of the data.
+        if iterator is None or config.steps_per_epoch is None:
+            iterator = _epoch_iterator(strategy, train_split, config, epoch)
         started = time.perf_counter()
         last_train = _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch,
                                   chief, checkpoints.directory, throughput)

@@ -235,11 +235,14 @@ def test_a_seeded_run_resumed_after_a_stop_equals_the_uninterrupted_run(
     if source == "folder":  # shuffled paths, random crops and flips from the seed
         root = write_image_folder(str(tmp_path / "images"), train_per_class=8, val_per_class=1)
         data = folder_split(root, "train"), folder_split(root, "val")
-    whole = training.train(tiny_model, *data, config(tmp_path / "whole", epochs=3), log=quiet)
+    # Epochs of one pass each: the default steps_per_epoch.
+    whole = training.train(tiny_model, *data, config(tmp_path / "whole", epochs=3,
+                                                     steps_per_epoch=None), log=quiet)
     # Stopped after epoch 1 (all a kill leaves is the checkpoint), then resumed.
-    training.train(tiny_model, *data, config(tmp_path / "resumed", epochs=1), log=quiet)
-    resumed = training.train(tiny_model, *data, config(tmp_path / "resumed", epochs=3),
-                             log=quiet)
+    training.train(tiny_model, *data, config(tmp_path / "resumed", epochs=1,
+                                             steps_per_epoch=None), log=quiet)
+    resumed = training.train(tiny_model, *data, config(tmp_path / "resumed", epochs=3,
+                                                       steps_per_epoch=None), log=quiet)
     for mine, theirs in zip(resumed.model.get_weights(), whole.model.get_weights()):
         np.testing.assert_array_equal(mine, theirs)
     losses = [row["loss"] for row in csv_rows(tmp_path / "whole")]
