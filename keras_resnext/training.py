@@ -11,12 +11,16 @@ and the other workers into throwaway folders, so nothing races.
 TensorFlow only. `import keras_resnext` does not import this module.
 """
 
+import contextlib
 import csv
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from typing import Callable, Optional
@@ -26,6 +30,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnext import _tf_ops
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, runs are not guarded
+    fcntl = None
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("step", "cosine")
@@ -40,6 +49,17 @@ CSV_LOG_NAME = "training_log.csv"
 CSV_COLUMNS = ("epoch", "learning_rate", "loss", "top1", "val_loss", "val_top1",
                "val_top5", "images_per_sec", "seconds")
 METRICS_NAME = "metrics.json"
+LOCK_NAME = ".lock"
+EXPORT_RECORD_NAME = "export.json"
+# What a run means beyond its architecture: resuming with any of these changed
+# would continue one run under another's recipe (a 100x learning-rate jump for
+# steps_per_epoch, say), so the checkpoint records them and a resume must
+# match. More --epochs is not among them: extending a run is resuming it.
+RUN_SETTINGS = ("batch_size", "steps_per_epoch", "learning_rate", "lr_schedule",
+                "lr_decay_rate", "warmup_epochs", "weight_decay", "momentum", "nesterov",
+                "label_smoothing", "mixed_precision", "ema_decay")
+SETTING_FLAGS = {"learning_rate": "--lr (the peak learning rate)",
+                 "steps_per_epoch": "--steps_per_epoch (given, or training examples // batch)"}
 
 
 class UserError(Exception):
@@ -529,6 +549,53 @@ def write_metrics(model_dir, metrics):
                       json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
+def export_once(model_dir, export_dir, epochs_completed, export):
+    """Call `export()`, which writes a SavedModel into `export_dir` and returns
+    its path, unless `model_dir` records that it already exported this state
+    (`epochs_completed`) there: a rerun of a finished run adds no identical
+    version. Returns `(path, exported_now)`.
+
+    Also removes the temporary folders (`.tmp-VERSION-PID`) of exports whose
+    process is gone. Without a `model_dir` it always exports.
+    """
+    _remove_dead_exports(export_dir)
+    if model_dir is None or epochs_completed is None:
+        return export(), True
+    record_path = os.path.join(model_dir, EXPORT_RECORD_NAME)
+    with ModelDirLock(model_dir):
+        try:
+            with open(record_path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}
+        if (record.get("export_dir") == os.path.realpath(export_dir)
+                and record.get("epochs_completed") == epochs_completed
+                and os.path.isdir(record.get("path", ""))):
+            return record["path"], False
+        path = export()
+        _write_atomically(record_path, json.dumps(dict(
+            export_dir=os.path.realpath(export_dir), path=path,
+            epochs_completed=epochs_completed), indent=2) + "\n")
+        return path, True
+
+
+def _remove_dead_exports(export_dir):
+    for folder in glob.glob(os.path.join(glob.escape(export_dir), ".tmp-*-*")):
+        match = re.fullmatch(r"\.tmp-[0-9]+-([0-9]+)", os.path.basename(folder))
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def _truncate_csv_log(path, completed_epochs):
     """Keep the rows of the epochs a checkpoint holds; a row written just
     before a crash, for an epoch that will be trained again, goes."""
@@ -561,6 +628,75 @@ def _format_csv_value(value):
     return str(value)
 
 
+class ModelDirLock:
+    """An advisory lock on a model_dir, so that one run at a time writes there.
+
+    `flock`: the OS releases it when its holder exits or dies, so a lock is
+    never stale. The lock file names its holder. Re-entrant within a process,
+    so a caller may hold it around `train()` and an export.
+    """
+
+    _held = {}  # real path -> [open lock file, depth]
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self.key = os.path.realpath(model_dir)
+
+    def __enter__(self):
+        held = self._held.get(self.key)
+        if held is not None:
+            held[1] += 1
+            return self
+        os.makedirs(self.model_dir, exist_ok=True)
+        lock_file = open(os.path.join(self.model_dir, LOCK_NAME), "a+", encoding="utf-8")
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock_file.seek(0)
+                holder = lock_file.read().strip() or "another process"
+                lock_file.close()
+                raise UserError(
+                    f"{self.model_dir} is in use by another run ({holder}); wait for it to "
+                    "end or use another --model_dir.") from None
+        lock_file.truncate(0)
+        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock_file.flush()
+        self._held[self.key] = [lock_file, 1]
+        return self
+
+    def __exit__(self, *exc_info):
+        held = self._held[self.key]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.key]
+            held[0].close()  # releases the flock
+        return False
+
+
+@contextlib.contextmanager
+def _lock_for_run(model_dir, strategy):
+    """The chief holds model_dir's lock for the run; if it cannot, every
+    worker stops (the others would wait for it in their first collective)."""
+    chief, _, num_workers = worker_info(strategy)
+    lock = ModelDirLock(model_dir) if chief else contextlib.nullcontext()
+    refused, locked = None, False
+    try:
+        lock.__enter__()
+        locked = True
+    except UserError as error:
+        refused = error
+    try:
+        if num_workers > 1 and _sum_over_replicas(strategy, [float(not locked)])[0] > 0:
+            raise refused or UserError(f"The chief could not lock {model_dir}; see its error.")
+        if refused is not None:
+            raise refused
+        yield
+    finally:
+        if locked:
+            lock.__exit__(None, None, None)
+
+
 class _Checkpoints:
     """Checkpoint saving and restoring for chief and non-chief workers.
 
@@ -576,27 +712,43 @@ class _Checkpoints:
         self.chief = chief
         write_directory = self.directory if chief else os.path.join(
             self.directory, f".worker{task_id}-tmp")
+        if chief:
+            _remove_leftovers(model_dir, self.directory)
         self.manager = tf.train.CheckpointManager(
             checkpoint, write_directory, max_to_keep=max_to_keep if chief else 1
         )
         self.checkpoint = checkpoint
         self.write_directory = write_directory
 
-    def restore_latest(self):
-        latest = tf.train.latest_checkpoint(self.directory)
-        if latest is None:
-            return None
-        try:
-            status = self.checkpoint.restore(latest)
-            status.assert_existing_objects_matched()
-            # save_counter is created on the next save; nothing else is left over.
-            status.expect_partial()
-        except (AssertionError, ValueError) as error:
+    def restore_latest(self, run_settings, warn):
+        """Restore the newest intact checkpoint and return its path (None if
+        there is none). An unreadable one is passed over with a warning; one
+        written by another model, optimizer or `RUN_SETTINGS` is an error."""
+        unreadable = []
+        for path in _checkpoints_newest_first(self.directory):
+            try:
+                _check_run_settings(path, run_settings)
+                status = self.checkpoint.restore(path)
+                status.assert_existing_objects_matched()
+                # save_counter is created on the next save; nothing else is left over.
+                status.expect_partial()
+            except (AssertionError, ValueError) as error:
+                raise UserError(
+                    f"The checkpoint {path} does not match this model and optimizer "
+                    f"(another architecture or recipe?); use a new --model_dir. "
+                    f"({_first_line(error)})"
+                ) from None
+            except tf.errors.OpError as error:
+                unreadable.append(path)
+                warn(f"Warning: the checkpoint {path} is unreadable ({_first_line(error)}); "
+                     "trying the one before it.", flush=True)
+                continue
+            return path
+        if unreadable:
             raise UserError(
-                f"The checkpoint {latest} does not match this model and optimizer "
-                f"(another architecture or recipe?); use a new --model_dir. ({_first_line(error)})"
-            ) from None
-        return latest
+                f"No intact checkpoint in {self.directory}: {', '.join(unreadable)} cannot be "
+                "read; move them away to start afresh, or use a new --model_dir.")
+        return None
 
     def save(self, epoch):
         path = self.manager.save(checkpoint_number=epoch)
@@ -607,6 +759,52 @@ class _Checkpoints:
 
 def _first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _checkpoints_newest_first(directory):
+    # From the files rather than the `checkpoint` state file, which a kill
+    # can leave naming a checkpoint that was never finished.
+    numbers = []
+    for index in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index")):
+        match = re.fullmatch(r"ckpt-([0-9]+)\.index", os.path.basename(index))
+        if match:
+            numbers.append(int(match.group(1)))
+    return [os.path.join(directory, f"ckpt-{number}") for number in sorted(numbers, reverse=True)]
+
+
+def _run_settings(config, steps_per_epoch):
+    values = dict(dataclasses.asdict(config), steps_per_epoch=steps_per_epoch)
+    return {name: values[name] for name in RUN_SETTINGS}
+
+
+def _check_run_settings(path, run_settings):
+    """Raise, naming the flag, if the checkpoint at `path` was written with
+    other `RUN_SETTINGS` (checkpoints that predate the record pass)."""
+    reader = tf.train.load_checkpoint(path)
+    key = "run_settings/.ATTRIBUTES/VARIABLE_VALUE"
+    if not reader.has_tensor(key):
+        return
+    recorded = json.loads(reader.get_tensor(key))
+    for name in RUN_SETTINGS:
+        if name in recorded and recorded[name] != run_settings[name]:
+            flag = SETTING_FLAGS.get(name, f"--{name}")
+            raise UserError(
+                f"The checkpoint {path} was written with {flag} {recorded[name]}; this run has "
+                f"{run_settings[name]}. Resuming would mix two runs: pass the same value, or "
+                "use a new --model_dir.")
+
+
+def _remove_leftovers(model_dir, checkpoint_dir):
+    """Remove what killed runs leave: half-written checkpoints (TensorFlow's
+    `ckpt-N_temp` folders), other workers' throwaway folders and half-written
+    files (`name.tmp-PID`). The caller holds the model_dir lock, so no live
+    run owns them."""
+    for folder in (glob.glob(os.path.join(glob.escape(checkpoint_dir), "*_temp"))
+                   + glob.glob(os.path.join(glob.escape(checkpoint_dir), ".worker*-tmp"))):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in glob.glob(os.path.join(glob.escape(model_dir), "*.tmp-*")):
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 # --------------------------------------------------------------------------
@@ -698,8 +896,20 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     one CSV row per epoch to `model_dir/training_log.csv` and, at the end,
     `model_dir/metrics.json` (chief only). Returns a `TrainResult` whose
     model holds the final weights (the EMA if `config.ema_decay`).
+
+    The chief holds `model_dir`'s lock (`ModelDirLock`) for the run, and a
+    resume must keep the `RUN_SETTINGS` its checkpoint records. Unless
+    `config.steps_per_epoch` is given, each epoch's input is built afresh
+    under a TensorFlow global seed derived from `config.seed` (0 if None) and
+    the epoch, so a resumed run sees the data order and augmentation the
+    uninterrupted run would have seen.
     """
     strategy = strategy or tf.distribute.get_strategy()
+    with _lock_for_run(config.model_dir, strategy):
+        return _train(model_fn, train_split, val_split, config, strategy, log)
+
+
+def _train(model_fn, train_split, val_split, config, strategy, log):
     log = log or _print
     chief, task_id, num_workers = worker_info(strategy)
     say = log if chief else (lambda *args, **kwargs: None)
@@ -726,12 +936,14 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    state = dict(model=model, optimizer=optimizer, completed_epochs=completed_epochs)
+    run_settings = _run_settings(config, steps_per_epoch)
+    state = dict(model=model, optimizer=optimizer, completed_epochs=completed_epochs,
+                 run_settings=tf.Variable(json.dumps(run_settings), trainable=False))
     if ema_weights is not None:
         state["ema"] = ema_weights
     checkpoints = _Checkpoints(tf.train.Checkpoint(**state), config.model_dir, chief,
                                task_id, config.max_checkpoints)
-    restored = checkpoints.restore_latest()
+    restored = checkpoints.restore_latest(run_settings, say)
     start_epoch = int(completed_epochs.numpy())
     _check_workers_agree(strategy, start_epoch, "the last completed epoch")
     if restored:
@@ -751,18 +963,22 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
         trainable = {id(w) for w in model.trainable_weights}
         local_state += [e for e, w in zip(ema_weights, model.weights) if id(w) not in trainable]
     average_local_state = make_average_local_state(strategy, local_state)
-    train_data = _distribute(strategy, train_split, config.batch_size, repeat=True)
     evaluate = make_evaluate(
         model, strategy, _distribute(strategy, val_split, config.batch_size, repeat=False),
         val_split.num_examples)
-    iterator = iter(train_data) if start_epoch < config.epochs else None
 
     ema = _EmaSwap(strategy, model, ema_weights)
     throughput = _Throughput()
-    last_train, final = {}, None
+    last_train, final, iterator = {}, None, None
     for epoch in range(start_epoch, config.epochs):
         log(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
         learning_rate = float(optimizer.learning_rate.numpy())
+        # An epoch that is a pass (the default) starts its own, so a resumed
+        # run repeats the uninterrupted one. Shorter --steps_per_epoch epochs
+        # continue one stream: fresh passes would keep a shuffle buffer's
+        # examples from the start of the data.
+        if iterator is None or config.steps_per_epoch is None:
+            iterator = _epoch_iterator(strategy, train_split, config, epoch)
         started = time.perf_counter()
         last_train = _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch,
                                   chief, checkpoints.directory, throughput)
@@ -793,7 +1009,7 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
         f"top1 {final['top1']:.4f} "
         f"- top5 {final['top5']:.4f} - loss {final['loss']:.4f}", flush=True)
     # A rerun with nothing left to train keeps the training figures it found.
-    previous = _read_metrics(config.model_dir) if not last_train else {}
+    previous = _previous_training_figures(config.model_dir, csv_path) if not last_train else {}
     metrics = dict(
         epochs_completed=int(completed_epochs.numpy()),
         top1=float(final["top1"]), top5=float(final["top5"]), loss=float(final["loss"]),
@@ -815,6 +1031,30 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
 
 def _print(*args, **kwargs):
     print(*args, **kwargs)
+
+
+def _epoch_iterator(strategy, split, config, epoch):
+    # TensorFlow combines every random op's seed, given or not, with the
+    # global seed, so the epoch's shuffles and augmentation seeds follow from
+    # (seed, epoch) alone, however many epochs this process has run.
+    base_seed = 0 if config.seed is None else config.seed
+    tf.random.set_seed(int(np.random.SeedSequence([base_seed % 2**32, epoch]).generate_state(1)[0]))
+    return iter(_distribute(strategy, split, config.batch_size, repeat=True))
+
+
+def _previous_training_figures(model_dir, csv_path):
+    """A rerun's training figures: metrics.json's, or if a kill came before
+    it was written, the last CSV row's."""
+    previous = _read_metrics(model_dir)
+    if previous.get("train_loss") is not None or not os.path.exists(csv_path):
+        return previous
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return previous
+    figures = {"train_loss": rows[-1]["loss"], "train_top1": rows[-1]["top1"],
+               "images_per_sec": rows[-1]["images_per_sec"]}
+    return dict(previous, **{name: float(value) for name, value in figures.items() if value})
 
 
 def _create_ema_weights(model, strategy):

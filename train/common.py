@@ -210,9 +210,12 @@ def execute(run):
         result = training.train(model_fn, train_split, val_split, config, strategy)
         metrics, model = result.metrics, result.model
     if run.export_dir and training.is_chief(strategy):
-        path = export_saved_model(model, run.export_dir, class_names=class_names,
-                                  image_size=run.image_size, resize_size=resize_size)
-        print(f"Exported SavedModel to {path}", flush=True)
+        path, exported = training.export_once(
+            run.model_dir, run.export_dir, metrics.get("epochs_completed"),
+            lambda: export_saved_model(model, run.export_dir, class_names=class_names,
+                                       image_size=run.image_size, resize_size=resize_size))
+        print(f"Exported SavedModel to {path}" if exported else
+              f"{path} already exported this run; not exporting it again.", flush=True)
     training.wait_for_all_workers(strategy)
     return metrics
 
