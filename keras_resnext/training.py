@@ -13,6 +13,7 @@ TensorFlow only. `import keras_resnext` does not import this module.
 
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1014,15 +1015,25 @@ def restore_model_weights(model, path):
     checkpoint_path = latest_checkpoint(path)
     if checkpoint_path is None:
         raise UserError(f"No training checkpoint in {path}.")
+    problem = None
+    logger = tf.get_logger()
+    level = logger.level
+    # A failed restore lists every value it did not restore when it is
+    # garbage-collected; the one line below says what matters.
+    logger.setLevel("ERROR")
     try:
         status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
-        status.assert_existing_objects_matched()
         status.expect_partial()  # the optimizer and epoch counter are not wanted
+        status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as error:
+        problem = _first_line(error)
+    finally:
+        gc.collect()
+        logger.setLevel(level)
+    if problem:
         raise UserError(
             f"The checkpoint {checkpoint_path} does not fit this model (another architecture, "
-            f"or a classifier for another number of classes?): {_first_line(error)}"
-        ) from None
+            f"or a classifier for another number of classes?): {problem}")
     reader = tf.train.load_checkpoint(checkpoint_path)
     ema_keys = [f"ema/{index}/.ATTRIBUTES/VARIABLE_VALUE" for index in range(len(model.weights))]
     if all(reader.has_tensor(key) for key in ema_keys):

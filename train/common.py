@@ -224,7 +224,7 @@ def check_flags(run):
     if run.eval_only and not (run.weights or run.model_dir):
         raise training.UserError("--eval_only evaluates --weights, or the latest checkpoint "
                                  "in --model_dir; pass one of them.")
-    if run.weights and not os.path.exists(run.weights):
+    if run.weights and not (os.path.exists(run.weights) or _is_checkpoint(run.weights)):
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
     _architecture(run)
 
@@ -292,10 +292,16 @@ def _execute(run):
 def _load_initial_weights(model, weights):
     """A weights file, or the latest checkpoint of a folder (a --model_dir or
     its checkpoints)."""
-    if os.path.isdir(weights):
+    if _is_checkpoint(weights):
         training.restore_model_weights(model, weights)
     else:
         load_weights(model, weights)
+
+
+def _is_checkpoint(weights):
+    """Whether --weights names a training checkpoint: a folder holding one
+    (a --model_dir or its checkpoints) or one checkpoint's path prefix."""
+    return os.path.isdir(weights) or os.path.exists(f"{weights}.index")
 
 
 def _load_weights_to_evaluate(model, run):
@@ -304,7 +310,7 @@ def _load_weights_to_evaluate(model, run):
     would score chance."""
     if not run.weights:
         return training.restore_model_weights(model, run.model_dir)
-    if os.path.isdir(run.weights):
+    if _is_checkpoint(run.weights):
         return training.restore_model_weights(model, run.weights)
     with warnings.catch_warnings(record=True) as caught, _as_user_errors():
         warnings.simplefilter("always")
