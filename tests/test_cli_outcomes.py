@@ -95,7 +95,8 @@ def test_eval_only_refuses_weights_with_another_classifier(data, tmp_path):
                         f"--dataset=folder:{data}", "--batch_size=8", *TINY_MODEL)[0]
     assert completed.returncode == 1, completed.stderr[-3000:]
     line = error_line(completed)
-    assert line.startswith("Error: --eval_only needs a classifier for the dataset's 3 classes"), line
+    assert line.startswith(
+        "Error: --eval_only needs a classifier for the dataset's 3 classes"), line
     assert "top1" not in completed.stdout
 
 

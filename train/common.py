@@ -126,9 +126,10 @@ def define_flags(family):
     flags.DEFINE_enum("strategy", "default", list(training.STRATEGIES),
                       "tf.distribute strategy; multi_worker reads TF_CONFIG.")
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy tpu.")
-    flags.DEFINE_string("weights", None, "Initial weights (.weights.h5, torchvision .pth or "
-                        ".safetensors), e.g. for fine-tuning; a classifier of another size "
-                        "starts fresh. A checkpoint in --model_dir takes precedence.")
+    flags.DEFINE_string("weights", None, "Initial weights (.weights.h5, torchvision .pth, "
+                        ".safetensors, or a training checkpoint: a model_dir, its checkpoints "
+                        "folder or a ckpt-N), e.g. for fine-tuning; a classifier of another "
+                        "size starts fresh. A checkpoint in --model_dir takes precedence.")
     flags.DEFINE_string("export_dir", None, "At the end, export a TF Serving SavedModel to "
                         "EXPORT_DIR/<version>.")
     flags.DEFINE_integer("steps_per_epoch", None, "Default: training examples // batch size.",
