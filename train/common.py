@@ -128,8 +128,9 @@ def define_flags(family):
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy tpu.")
     flags.DEFINE_string("weights", None, "Initial weights (.weights.h5, torchvision .pth, "
                         ".safetensors, or a training checkpoint: a model_dir, its checkpoints "
-                        "folder or a ckpt-N), e.g. for fine-tuning; a classifier of another "
-                        "size starts fresh. A checkpoint in --model_dir takes precedence.")
+                        "folder or a ckpt-N), e.g. for fine-tuning; a weights file's classifier "
+                        "of another size starts fresh. A checkpoint in --model_dir takes "
+                        "precedence.")
     flags.DEFINE_string("export_dir", None, "At the end, export a TF Serving SavedModel to "
                         "EXPORT_DIR/<version>.")
     flags.DEFINE_integer("steps_per_epoch", None, "Default: training examples // batch size.",
