@@ -74,7 +74,9 @@ def test_every_training_image_unreadable_is_one_line_naming_the_split(tmp_path):
 @pytest.mark.slow  # a training run and three evaluations
 def test_eval_only_scores_the_runs_own_latest_checkpoint(data, tmp_path):
     model_dir = tmp_path / "model"
-    completed = train(data, model_dir, "--epochs=2", "--steps_per_epoch=2", "--lr=0.4")
+    # With an EMA, which the run evaluates and which --eval_only must score too.
+    completed = train(data, model_dir, "--epochs=2", "--steps_per_epoch=2", "--lr=0.4",
+                      "--ema_decay=0.5")
     assert completed.returncode == 0, completed.stderr[-3000:]
     trained = json.loads((model_dir / "metrics.json").read_text())
     checkpoint = str(model_dir / "checkpoints" / "ckpt-2")
@@ -85,6 +87,8 @@ def test_eval_only_scores_the_runs_own_latest_checkpoint(data, tmp_path):
         assert completed.returncode == 0, completed.stderr[-3000:]
         assert (f"{checkpoint} on folder:{data} val (9 images): top1 {trained['top1']:.4f}"
                 in completed.stdout), (where, completed.stdout)
+    evaluated = json.loads((model_dir / "eval_metrics.json").read_text())
+    assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-5)
 
 
 def test_eval_only_refuses_weights_with_another_classifier(data, tmp_path):

@@ -31,7 +31,7 @@ def _each_stderr_line_once():
     TensorFlow's wheel links its core twice, into libtensorflow_framework.so.2
     and into the profiler's _pywrap_profiler_plugin.so, and each copy logs
     the oneDNN banner when it loads, before any log level applies
-    (TF_CPP_MIN_LOG_LEVEL hides neither), so every import printed it twice.
+    (TF_CPP_MIN_LOG_LEVEL hides neither): every command printed it twice.
     """
     sys.stderr.flush()
     saved = os.dup(2)
