@@ -14,6 +14,7 @@ TensorFlow only. `import keras_resnext` does not import this module.
 import contextlib
 import csv
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -127,6 +128,7 @@ class TrainConfig:
     validation_freq: int = 1
     seed: Optional[int] = None
     max_checkpoints: int = 3
+    progress_seconds: float = 30.0
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"epochs must be at least 1; got {self.epochs}.")
@@ -149,6 +151,8 @@ class TrainConfig:
                f"steps_per_epoch must be at least 1; got {self.steps_per_epoch}.")
         _check(self.steps_per_loop >= 1, f"steps_per_loop must be at least 1; got {self.steps_per_loop}.")
         _check(self.validation_freq >= 0, f"validation_freq must be >= 0; got {self.validation_freq}.")
+        _check(self.progress_seconds >= 0,
+               f"progress_seconds must be >= 0; got {self.progress_seconds}.")
 
 
 def _check(condition, message):
@@ -819,6 +823,7 @@ class Split:
 
     dataset_fn: Callable
     num_examples: int
+    source: Optional[str] = None  # what it is read from, for error messages
 
 
 @dataclasses.dataclass
@@ -966,6 +971,9 @@ def _train(model_fn, train_split, val_split, config, strategy, log):
     evaluate = make_evaluate(
         model, strategy, _distribute(strategy, val_split, config.batch_size, repeat=False),
         val_split.num_examples)
+    probe = make_evaluate(
+        model, strategy, _distribute(strategy, _first_batch(val_split), config.batch_size,
+                                     repeat=False))
 
     ema = _EmaSwap(strategy, model, ema_weights)
     throughput = _Throughput()
@@ -981,7 +989,7 @@ def _train(model_fn, train_split, val_split, config, strategy, log):
             iterator = _epoch_iterator(strategy, train_split, config, epoch)
         started = time.perf_counter()
         last_train = _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch,
-                                  chief, checkpoints.directory, throughput)
+                                  chief, checkpoints.directory, throughput, train_split)
         seconds = time.perf_counter() - started
         average_local_state()
         row = dict(epoch=epoch + 1, learning_rate=learning_rate, loss=last_train["loss"],
@@ -991,10 +999,14 @@ def _train(model_fn, train_split, val_split, config, strategy, log):
         if last_epoch or (config.validation_freq and (epoch + 1) % config.validation_freq == 0):
             with ema:
                 val = evaluate()
+            _check_finite(val["loss"], "validation loss", epoch, checkpoints.directory)
             row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
             say(f"val_loss: {val['loss']:.4f} - val_top1: {val['top1']:.4f} - "
                 f"val_top5: {val['top5']:.4f}", flush=True)
             final = val if last_epoch else None
+        else:
+            _check_finite(probe()["loss"], "loss on a validation batch", epoch,
+                          checkpoints.directory)
         if chief:
             _append_csv_row(csv_path, row)
             _write_summaries(writers, row, epoch + 1)
@@ -1124,27 +1136,87 @@ class _Throughput:
 
 
 def _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch, chief,
-                 checkpoint_dir, throughput):
-    verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
+                 checkpoint_dir, throughput, train_split):
+    interactive = sys.stdout.isatty()
+    verbose = (1 if interactive else 2) if chief else 0
     progbar = keras.utils.Progbar(steps_per_epoch, verbose=verbose,
                                   stateful_metrics=["loss", "top1"])
+    # Piped output (nohup, CI, Kubernetes) gets no live bar: print a line every
+    # progress_seconds instead, so a long epoch still shows it is alive.
+    progress = _ProgressLines(config, epoch, steps_per_epoch) if chief and not interactive else None
     totals = np.zeros(3, dtype=np.float64)
     step = 0
     while step < steps_per_epoch:
         num_steps = min(config.steps_per_loop, steps_per_epoch - step)
         started = time.perf_counter()
-        sums = train_loop(iterator, tf.constant(num_steps)).numpy()
+        try:
+            sums = train_loop(iterator, tf.constant(num_steps)).numpy()
+        except tf.errors.OutOfRangeError:
+            # The training data repeats, so it only ends if it yields nothing.
+            raise UserError(
+                f"The training split{_of_source(train_split)} yielded no batch of "
+                f"{config.batch_size} images: its images are unreadable (see the skipped "
+                "files above) or fewer than one batch."
+            ) from None
         throughput.add(num_steps * config.batch_size, time.perf_counter() - started)
         totals += sums
         step += num_steps
         if not np.isfinite(sums[0]):
-            raise TrainingDiverged(
-                f"Training stopped: the loss is {sums[0]} at epoch {epoch + 1}, step {step}. "
-                f"The last good checkpoint is in {checkpoint_dir}; lower --lr or add "
-                "--warmup_epochs."
-            )
+            raise _diverged(f"the loss is {sums[0]} at epoch {epoch + 1}, step {step}",
+                            checkpoint_dir)
         progbar.update(step, [("loss", totals[0] / totals[2]), ("top1", totals[1] / totals[2])])
+        if progress:
+            progress.update(step, totals)
     return dict(loss=totals[0] / totals[2], top1=totals[1] / totals[2])
+
+
+class _ProgressLines:
+    """Within an epoch, one line (step, images/s, loss, top-1) per
+    `config.progress_seconds`."""
+
+    def __init__(self, config, epoch, steps_per_epoch):
+        self.interval = config.progress_seconds
+        self.batch_size = config.batch_size
+        self.prefix = f"Epoch {epoch + 1}/{config.epochs} step"
+        self.steps_per_epoch = steps_per_epoch
+        self.last_time = time.perf_counter()
+        self.last_step = 0
+
+    def update(self, step, totals):
+        now = time.perf_counter()
+        if now - self.last_time < self.interval or step == self.steps_per_epoch:
+            return
+        images_per_sec = (step - self.last_step) * self.batch_size / (now - self.last_time)
+        print(f"{self.prefix} {step}/{self.steps_per_epoch} - {images_per_sec:.1f} images/s - "
+              f"loss: {totals[0] / totals[2]:.4f} - top1: {totals[1] / totals[2]:.4f}",
+              flush=True)
+        self.last_time, self.last_step = now, step
+
+
+def _of_source(split):
+    return f" of {split.source}" if split.source else ""
+
+
+def _diverged(what, checkpoint_dir):
+    return TrainingDiverged(
+        f"Training stopped: {what}. The last good checkpoint is in {checkpoint_dir}; "
+        "lower --lr or add --warmup_epochs."
+    )
+
+
+def _first_batch(split):
+    return dataclasses.replace(
+        split, dataset_fn=lambda *arguments: split.dataset_fn(*arguments).take(1))
+
+
+def _check_finite(loss, what, epoch, checkpoint_dir):
+    """Raise `TrainingDiverged` unless the model's `loss` after `epoch` is
+    finite, before the epoch is checkpointed. The training loss is computed
+    before each update, so a last update that breaks the model leaves it
+    finite; weights can also be finite and still overflow float32 at the
+    logits."""
+    if not np.isfinite(loss):
+        raise _diverged(f"the {what} is {loss} after epoch {epoch + 1}", checkpoint_dir)
 
 
 def _write_summaries(writers, row, epoch):
@@ -1170,6 +1242,51 @@ def _write_scalars(writer, step, scalars):
         for tag, value in scalars.items():
             tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=metadata)
     writer.flush()
+
+
+def latest_checkpoint(path):
+    """The newest training checkpoint in `path`: a `model_dir`, its
+    checkpoints folder, or a checkpoint itself; None if there is none."""
+    for directory in (os.path.join(path, CHECKPOINT_SUBDIR), path):
+        latest = tf.train.latest_checkpoint(directory)
+        if latest:
+            return latest
+    return path if tf.io.gfile.exists(f"{path}.index") else None
+
+
+def restore_model_weights(model, path):
+    """Load into `model` the weights of the newest training checkpoint in
+    `path` (see `latest_checkpoint`), the EMA where the run kept one (as
+    `train` evaluates and returns it). Returns the checkpoint's path; raises
+    `UserError` if there is none or it doesn't fit `model`."""
+    checkpoint_path = latest_checkpoint(path)
+    if checkpoint_path is None:
+        raise UserError(f"No training checkpoint in {path}.")
+    problem = None
+    logger = tf.get_logger()
+    level = logger.level
+    # A failed restore lists every value it did not restore when it is
+    # garbage-collected; the one line below says what matters.
+    logger.setLevel("ERROR")
+    try:
+        status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
+        status.expect_partial()  # the optimizer and epoch counter are not wanted
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as error:
+        problem = _first_line(error)
+    finally:
+        gc.collect()
+        logger.setLevel(level)
+    if problem:
+        raise UserError(
+            f"The checkpoint {checkpoint_path} does not fit this model (another architecture, "
+            f"or a classifier for another number of classes?): {problem}")
+    reader = tf.train.load_checkpoint(checkpoint_path)
+    ema_keys = [f"ema/{index}/.ATTRIBUTES/VARIABLE_VALUE" for index in range(len(model.weights))]
+    if all(reader.has_tensor(key) for key in ema_keys):
+        for weight, key in zip(model.weights, ema_keys):
+            weight.assign(tf.cast(reader.get_tensor(key), weight.dtype))
+    return checkpoint_path
 
 
 def evaluate_model(model, val_split, batch_size, strategy=None):

@@ -9,20 +9,59 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
+import tempfile
+import warnings
 
 # Before TensorFlow loads: hide its INFO start-up lines, so an error is the one
 # line a user reads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging  # noqa: E402
+# The glog prefix of a C++ log line: severity, date, time, thread id.
+_GLOG_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ ")
 
-import keras_resnext as kr  # noqa: E402  (before TensorFlow, see keras_resnext/__init__)
-import pipelines  # noqa: E402
-from keras_resnext import training  # noqa: E402
-from keras_resnext.export import export_saved_model  # noqa: E402
-from keras_resnext.weights import load_weights  # noqa: E402
+
+@contextlib.contextmanager
+def _each_stderr_line_once():
+    """Write the process's stderr (file descriptor 2, C++ included) of the
+    block once it ends, each distinct line once.
+
+    TensorFlow's wheel links its core twice, into libtensorflow_framework.so.2
+    and into the profiler's _pywrap_profiler_plugin.so, and each copy logs
+    the oneDNN banner when it loads, before any log level applies
+    (TF_CPP_MIN_LOG_LEVEL hides neither): every command printed it twice.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            seen = set()
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                key = _GLOG_PREFIX.sub("", line)
+                if key not in seen:
+                    seen.add(key)
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+with _each_stderr_line_once():
+    from absl import app, flags, logging
+
+    import keras_resnext as kr  # before TensorFlow, see keras_resnext/__init__
+    import pipelines
+    from keras_resnext import training
+    from keras_resnext.export import export_saved_model
+    from keras_resnext.models import cifar_stage_depths
+    from keras_resnext.weights import load_weights
 
 FLAGS = flags.FLAGS
 
@@ -87,9 +126,11 @@ def define_flags(family):
     flags.DEFINE_enum("strategy", "default", list(training.STRATEGIES),
                       "tf.distribute strategy; multi_worker reads TF_CONFIG.")
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy tpu.")
-    flags.DEFINE_string("weights", None, "Initial weights (.weights.h5, torchvision .pth or "
-                        ".safetensors), e.g. for fine-tuning; a classifier of another size "
-                        "starts fresh. A checkpoint in --model_dir takes precedence.")
+    flags.DEFINE_string("weights", None, "Initial weights (.weights.h5, torchvision .pth, "
+                        ".safetensors, or a training checkpoint: a model_dir, its checkpoints "
+                        "folder or a ckpt-N), e.g. for fine-tuning; a weights file's classifier "
+                        "of another size starts fresh. A checkpoint in --model_dir takes "
+                        "precedence.")
     flags.DEFINE_string("export_dir", None, "At the end, export a TF Serving SavedModel to "
                         "EXPORT_DIR/<version>.")
     flags.DEFINE_integer("steps_per_epoch", None, "Default: training examples // batch size.",
@@ -105,7 +146,13 @@ def define_flags(family):
     flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights "
                        "with this decay (e.g. 0.9999) and evaluate/export it.",
                        lower_bound=0, upper_bound=0.999999)
-    flags.DEFINE_boolean("eval_only", False, "Evaluate --weights on the val split (top-1/top-5).")
+    flags.DEFINE_boolean(
+        "eval_only", False, "Evaluate on the val split (top-1/top-5): --weights (a weights file "
+        "or a checkpoint folder), else the latest checkpoint in --model_dir.")
+    flags.DEFINE_float(
+        "progress_seconds", training.TrainConfig.progress_seconds,
+        "When the output is not a terminal (a file, a CI log), print a progress line (step, "
+        "images/s, loss) this often within an epoch.", lower_bound=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +193,7 @@ def run_from_flags(family):
         mixed_precision=FLAGS.mixed_precision, lr_schedule=FLAGS.lr_schedule,
         ema_decay=FLAGS.ema_decay, steps_per_epoch=FLAGS.steps_per_epoch,
         steps_per_loop=FLAGS.steps_per_loop, validation_freq=FLAGS.validation_freq,
-        seed=FLAGS.seed,
+        seed=FLAGS.seed, progress_seconds=FLAGS.progress_seconds,
     )
     return Run(
         family=family, dataset=FLAGS.dataset, model=FLAGS.model, depth=FLAGS.depth,
@@ -167,10 +214,36 @@ def run_from_flags(family):
 
 def execute(run):
     """Train (or evaluate) and export as `run` says; returns the metrics."""
+    check_flags(run)
+    with _no_empty_model_dir_left(run.model_dir):
+        return _execute(run)
+
+
+def check_flags(run):
+    """Raise `UserError` for flags that can't work, before any data is read."""
     if not run.eval_only and not run.model_dir:
         raise training.UserError("--model_dir is required for training.")
-    if run.eval_only and not run.weights:
-        raise training.UserError("--eval_only evaluates --weights; pass --weights.")
+    if run.eval_only and not (run.weights or run.model_dir):
+        raise training.UserError("--eval_only evaluates --weights, or the latest checkpoint "
+                                 "in --model_dir; pass one of them.")
+    if run.weights and not (os.path.exists(run.weights) or _is_checkpoint(run.weights)):
+        raise training.UserError(f"--weights {run.weights}: no such file or folder.")
+    _architecture(run)
+
+
+@contextlib.contextmanager
+def _no_empty_model_dir_left(model_dir):
+    existed = not model_dir or os.path.exists(model_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                os.rmdir(model_dir)  # only if empty: nothing of a run is lost
+        raise
+
+
+def _execute(run):
     # Multi-worker and TPU strategies must exist before other TensorFlow work.
     strategy = training.create_strategy(run.strategy, run.tpu)
     check_dataset_available(run)
@@ -185,16 +258,18 @@ def execute(run):
         with _as_user_errors():
             model = build_model(run, num_classes=len(class_names))
             if run.weights:
-                load_weights(model, run.weights)
+                _load_initial_weights(model, run.weights)
         return model
 
     val_split = training.Split(_dataset_fn(run, "val", preprocessing, resize_size),
-                               val_info.num_examples)
+                               val_info.num_examples, source=run.dataset)
     if run.eval_only:
         with strategy.scope():
-            model = model_fn()
+            with _as_user_errors():
+                model = build_model(run, num_classes=len(class_names))
+            evaluated = _load_weights_to_evaluate(model, run)
         metrics = training.evaluate_model(model, val_split, run.batch_size, strategy)
-        print(f"{run.weights} on {run.dataset} val ({metrics['num_examples']} of "
+        print(f"{evaluated} on {run.dataset} val ({metrics['num_examples']} of "
               f"{metrics['num_examples_expected']} images): "
               f"top1 {metrics['top1']:.4f} - top5 {metrics['top5']:.4f}", flush=True)
         if run.model_dir and training.is_chief(strategy):
@@ -205,7 +280,7 @@ def execute(run):
         config = training.config_from_recipe(
             run.family, run.model_dir, batch_size=run.batch_size, **run.training_overrides)
         train_split = training.Split(_dataset_fn(run, "train", preprocessing, resize_size),
-                                     train_info.num_examples)
+                                     train_info.num_examples, source=run.dataset)
         _print_run(run, config, train_info, val_info, strategy)
         result = training.train(model_fn, train_split, val_split, config, strategy)
         metrics, model = result.metrics, result.model
@@ -218,6 +293,42 @@ def execute(run):
               f"{path} already exported this run; not exporting it again.", flush=True)
     training.wait_for_all_workers(strategy)
     return metrics
+
+
+def _load_initial_weights(model, weights):
+    """A weights file, or the latest checkpoint of a folder (a --model_dir or
+    its checkpoints)."""
+    if _is_checkpoint(weights):
+        training.restore_model_weights(model, weights)
+    else:
+        load_weights(model, weights)
+
+
+def _is_checkpoint(weights):
+    """Whether --weights names a training checkpoint: a folder holding one
+    (a --model_dir or its checkpoints) or one checkpoint's path prefix."""
+    return os.path.isdir(weights) or os.path.exists(f"{weights}.index")
+
+
+def _load_weights_to_evaluate(model, run):
+    """Load what --eval_only scores into `model`; returns its path. Weights
+    whose classifier the model can't take are refused: a fresh classifier
+    would score chance."""
+    if not run.weights:
+        return training.restore_model_weights(model, run.model_dir)
+    if _is_checkpoint(run.weights):
+        return training.restore_model_weights(model, run.weights)
+    with warnings.catch_warnings(record=True) as caught, _as_user_errors():
+        warnings.simplefilter("always")
+        load_weights(model, run.weights)
+    for warning in caught:
+        if "classifier" in str(warning.message):
+            raise training.UserError(
+                f"--eval_only needs a classifier for the dataset's {model.output_shape[-1]} "
+                f"classes: {_first_line(warning.message)}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
+    return run.weights
 
 
 def _print_run(run, config, train_info, val_info, strategy):
@@ -260,23 +371,43 @@ def _dataset_fn(run, split, preprocessing, resize_size):
 
 def build_model(run, num_classes):
     """The network `run` names, with a logits head of `num_classes`."""
-    arguments = dict(classes=num_classes, input_shape=(run.image_size, run.image_size, 3),
-                     classifier_activation=None)
+    builder, architecture = _architecture(run)
+    return builder(**architecture, classes=num_classes,
+                   input_shape=(run.image_size, run.image_size, 3), classifier_activation=None)
+
+
+def _architecture(run):
+    """The builder and architecture arguments `run`'s --model/--depth/
+    --cardinality/--width name, checked without building anything."""
     architecture = {key: value for key, value in
                     dict(depth=run.depth, cardinality=run.cardinality, width=run.width).items()
                     if value is not None}
     if run.model or not architecture:
-        return kr.build(run.model or DEFAULT_PRESETS[run.family], **architecture, **arguments)
+        name = run.model or DEFAULT_PRESETS[run.family]
+        if name not in kr.PRESETS:
+            raise training.UserError(
+                f"--model {name}: not a preset; choose one of {', '.join(sorted(kr.PRESETS))} "
+                "or give --depth/--cardinality/--width.")
+        preset = kr.PRESETS[name]
+        for key, value in architecture.items():
+            if value != preset[key]:
+                raise training.UserError(
+                    f"--model {name} has {key} {preset[key]}; --{key} {value} contradicts it.")
+        return (lambda **arguments: kr.build(name, **arguments)), architecture
     default = kr.PRESETS[DEFAULT_PRESETS[run.family]]
-    depth = architecture.get("depth", default["depth"])
-    cardinality = architecture.get("cardinality", default["cardinality"])
-    width = architecture.get("width", default["width"])
+    architecture = dict(depth=architecture.get("depth", default["depth"]),
+                        cardinality=architecture.get("cardinality", default["cardinality"]),
+                        width=architecture.get("width", default["width"]))
     if run.family == "cifar":
-        return kr.ResNeXt29(cardinality=cardinality, width=width, depth=depth, **arguments)
+        with _as_user_errors():
+            cifar_stage_depths(architecture["depth"])
+        return kr.ResNeXt29, architecture
     builders = {50: kr.ResNeXt50, 101: kr.ResNeXt101, 152: kr.ResNeXt152}
-    if depth not in builders:
-        raise ValueError(f"--depth must be 50, 101 or 152 for ImageNet networks; got {depth}.")
-    return builders[depth](cardinality=cardinality, width=width, **arguments)
+    if architecture["depth"] not in builders:
+        raise training.UserError(
+            f"--depth must be 50, 101 or 152 for ImageNet networks; got {architecture['depth']}.")
+    builder = builders[architecture.pop("depth")]
+    return builder, architecture
 
 
 # --------------------------------------------------------------------------
