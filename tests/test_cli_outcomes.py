@@ -85,7 +85,7 @@ def test_eval_only_scores_the_runs_own_latest_checkpoint(data, tmp_path):
         completed = run_cli("cifar.py", "--eval_only", f"--dataset=folder:{data}",
                             "--batch_size=8", *TINY_MODEL, *where)[0]
         assert completed.returncode == 0, completed.stderr[-3000:]
-        assert (f"{checkpoint} on folder:{data} val (9 images): top1 {trained['top1']:.4f}"
+        assert (f"{checkpoint} on folder:{data} val (9 of 9 images): top1 {trained['top1']:.4f}"
                 in completed.stdout), (where, completed.stdout)
     evaluated = json.loads((model_dir / "eval_metrics.json").read_text())
     assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-5)
