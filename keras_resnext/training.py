@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -905,8 +906,9 @@ def train(model_fn, train_split, val_split, config, strategy=None, log=None):
     The chief holds `model_dir`'s lock (`ModelDirLock`) for the run, and a
     resume must keep the `RUN_SETTINGS` its checkpoint records. Unless
     `config.steps_per_epoch` is given, each epoch's input is built afresh
-    under a TensorFlow global seed derived from `config.seed` (0 if None) and
-    the epoch, so a resumed run sees the data order and augmentation the
+    under a TensorFlow global seed derived from the run's data seed
+    (`config.seed`, else drawn at random and kept in the checkpoints) and the
+    epoch, so a resumed run sees the data order and augmentation the
     uninterrupted run would have seen.
     """
     strategy = strategy or tf.distribute.get_strategy()
@@ -942,13 +944,23 @@ def _train(model_fn, train_split, val_split, config, strategy, log):
         keras.config.set_dtype_policy(previous_policy)
 
     run_settings = _run_settings(config, steps_per_epoch)
+    # Each epoch's input order and augmentation follow from this and the
+    # epoch: --seed, else a random one, drawn at the run's start and kept by
+    # its checkpoints, so that a resume repeats the uninterrupted run and two
+    # unseeded runs don't share one data order.
+    data_seed = tf.Variable(
+        config.seed if config.seed is not None else random.SystemRandom().randrange(2**31),
+        dtype=tf.int64, trainable=False, name="data_seed")
     state = dict(model=model, optimizer=optimizer, completed_epochs=completed_epochs,
-                 run_settings=tf.Variable(json.dumps(run_settings), trainable=False))
+                 run_settings=tf.Variable(json.dumps(run_settings), trainable=False),
+                 data_seed=data_seed)
     if ema_weights is not None:
         state["ema"] = ema_weights
     checkpoints = _Checkpoints(tf.train.Checkpoint(**state), config.model_dir, chief,
                                task_id, config.max_checkpoints)
     restored = checkpoints.restore_latest(run_settings, say)
+    if config.seed is not None:
+        data_seed.assign(config.seed)
     start_epoch = int(completed_epochs.numpy())
     _check_workers_agree(strategy, start_epoch, "the last completed epoch")
     if restored:
@@ -986,7 +998,8 @@ def _train(model_fn, train_split, val_split, config, strategy, log):
         # continue one stream: fresh passes would keep a shuffle buffer's
         # examples from the start of the data.
         if iterator is None or config.steps_per_epoch is None:
-            iterator = _epoch_iterator(strategy, train_split, config, epoch)
+            iterator = _epoch_iterator(strategy, train_split, config, int(data_seed.numpy()),
+                                       epoch)
         started = time.perf_counter()
         last_train = _train_epoch(train_loop, iterator, steps_per_epoch, config, epoch,
                                   chief, checkpoints.directory, throughput, train_split)
@@ -1045,12 +1058,11 @@ def _print(*args, **kwargs):
     print(*args, **kwargs)
 
 
-def _epoch_iterator(strategy, split, config, epoch):
+def _epoch_iterator(strategy, split, config, data_seed, epoch):
     # TensorFlow combines every random op's seed, given or not, with the
     # global seed, so the epoch's shuffles and augmentation seeds follow from
-    # (seed, epoch) alone, however many epochs this process has run.
-    base_seed = 0 if config.seed is None else config.seed
-    tf.random.set_seed(int(np.random.SeedSequence([base_seed % 2**32, epoch]).generate_state(1)[0]))
+    # (data_seed, epoch) alone, however many epochs this process has run.
+    tf.random.set_seed(int(np.random.SeedSequence([data_seed % 2**32, epoch]).generate_state(1)[0]))
     return iter(_distribute(strategy, split, config.batch_size, repeat=True))
 
 

@@ -248,3 +248,25 @@ def test_a_seeded_run_resumed_after_a_stop_equals_the_uninterrupted_run(
     losses = [row["loss"] for row in csv_rows(tmp_path / "whole")]
     assert [row["loss"] for row in csv_rows(tmp_path / "resumed")] == losses
     assert resumed.metrics["top1"] == whole.metrics["top1"]
+
+
+def recorded_data_seed(model_dir):
+    checkpoint = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    return int(tf.train.load_variable(checkpoint, "data_seed/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_an_unseeded_run_draws_its_data_seed_once_and_keeps_it_on_resume(tmp_path, data):
+    unseeded = dict(seed=None, steps_per_epoch=None)
+    for name in ("first", "second"):
+        training.train(tiny_model, *data, config(tmp_path / name, epochs=1, **unseeded),
+                       log=quiet)
+    first = recorded_data_seed(tmp_path / "first")
+    # Two unseeded runs don't share one data order.
+    assert first != recorded_data_seed(tmp_path / "second")
+    training.train(tiny_model, *data, config(tmp_path / "first", epochs=2, **unseeded),
+                   log=quiet)
+    assert recorded_data_seed(tmp_path / "first") == first
+    # --seed given is the data seed.
+    training.train(tiny_model, *data, config(tmp_path / "seeded", epochs=1, seed=7,
+                                             steps_per_epoch=None), log=quiet)
+    assert recorded_data_seed(tmp_path / "seeded") == 7
