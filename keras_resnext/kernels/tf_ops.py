@@ -20,8 +20,8 @@ def native_kernels(enabled=True):
     The op is a library of ours that TF Serving and a bare TensorFlow don't
     have, so it goes only into graphs that are run here and never saved:
     Keras' train/test/predict steps (see `layers.NativeKernelSteps`) and the
-    training loop.
-    Eager calls use it too; any other `tf.function` gets TensorFlow's op.
+    training loop. Eager calls use it too; any other `tf.function` gets
+    TensorFlow's op.
     """
     depth = getattr(_scope, "depth", 0)
     _scope.depth = depth + 1 if enabled else 0
