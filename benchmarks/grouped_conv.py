@@ -22,7 +22,7 @@ import keras_resnext as kr  # (switches oneDNN on before TensorFlow loads)
 import keras
 import tensorflow as tf
 
-from keras_resnext import _native, _tf_ops
+from keras_resnext.kernels import avx2, tf_ops
 
 # (input size, channels, channels per group, stride) of ResNeXt-50 32x4d's grouped
 # convolutions, then of ResNeXt-101 64x4d's first stage.
@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=40,
                         help="paired inference batches; training gets a third as many")
     args = parser.parse_args()
-    op = _native.grouped_conv_op()
+    op = avx2.grouped_conv_op()
     if op is None:
         raise SystemExit("The AVX2 op is unavailable here (see the warning above).")
     per_shape(op, args)
@@ -96,7 +96,7 @@ def whole_model(args):
 
     def forward(with_op, training):
         if with_op:
-            with _tf_ops.native_kernels():
+            with tf_ops.native_kernels():
                 return model(images, training=training)
         return model(images, training=training)
 

@@ -46,17 +46,17 @@ def keras_worker(args):
 
     import keras_resnext as kr  # first: it arranges oneDNN before TF loads
     import keras
-    from keras_resnext import _tf_ops
+    from keras_resnext.kernels import tf_ops
 
     keras.utils.set_random_seed(0)
     model = kr.build(args.model, input_shape=(args.image_size, args.image_size, 3))
     kr.export_saved_model(model, os.path.join(args.workdir, "portable"), version=1)
-    fusable = _tf_ops._grappler_fuses_grouped_convs_here
-    _tf_ops._grappler_fuses_grouped_convs_here = lambda: True
+    fusable = tf_ops._grappler_fuses_grouped_convs_here
+    tf_ops._grappler_fuses_grouped_convs_here = lambda: True
     try:
         kr.export_saved_model(model, os.path.join(args.workdir, "onednn_only"), version=1)
     finally:
-        _tf_ops._grappler_fuses_grouped_convs_here = fusable
+        tf_ops._grappler_fuses_grouped_convs_here = fusable
     x = np.random.default_rng(0).normal(
         0, 1, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
     return lambda: model.predict_on_batch(x), f"keras {keras.__version__}"

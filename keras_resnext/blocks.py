@@ -15,7 +15,10 @@ BNs: the forms are the same function in inference and in training mode.
 import keras
 from keras import layers
 
-from keras_resnext.layers import BatchNormalization, GroupConv2D, ReLU
+# Ours for the grouped conv and for the BN and ReLU after a conv: on
+# TensorFlow the grouped conv runs without XLA, and at inference the BN and
+# ReLU after it fold into our AVX2 op. Keras' own layers everywhere else.
+from keras_resnext import layers as resnext_layers
 
 BN_EPSILON = 1e-5
 # PyTorch's momentum 0.1 in Keras' convention. Keras' default 0.99 leaves the
@@ -32,7 +35,7 @@ def conv_initializer():
 
 
 def batch_norm(name):
-    return BatchNormalization(
+    return resnext_layers.BatchNormalization(
         axis=-1, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name
     )
 
@@ -41,7 +44,7 @@ def conv(x, filters, kernel_size, stride, name, groups=1):
     """A bias-free conv with PyTorch's symmetric padding (explicit pad + valid)."""
     if kernel_size > 1:
         x = layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
-    conv_class = GroupConv2D if groups > 1 else layers.Conv2D
+    conv_class = resnext_layers.GroupConv2D if groups > 1 else layers.Conv2D
     return conv_class(
         filters,
         kernel_size,
@@ -58,7 +61,7 @@ def conv_bn(x, filters, kernel_size, stride, name, groups=1, relu=True):
     x = conv(x, filters, kernel_size, stride, name, groups=groups)
     x = batch_norm(f"{name}_bn")(x)
     if relu:
-        x = ReLU(name=f"{name}_relu")(x)
+        x = resnext_layers.ReLU(name=f"{name}_relu")(x)
     return x
 
 
@@ -115,4 +118,5 @@ def bottleneck(x, filters, cardinality, width, stride, block_form, name):
         shortcut = conv_bn(x, out_channels, 1, stride, f"{name}_0", relu=False)
     y = BLOCK_FORMS[block_form](x, cardinality, path_width, out_channels, stride, name)
     y = layers.Add(name=f"{name}_add")([shortcut, y])
+    # After the sum there is no convolution to fold into: Keras' ReLU.
     return layers.ReLU(name=f"{name}_out")(y)

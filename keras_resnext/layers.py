@@ -1,20 +1,25 @@
-"""`GroupConv2D`: Keras' `Conv2D(groups=C)` without the XLA detour on TensorFlow.
+"""Our Keras layers (`kr.layers`, not `keras.layers`): on TensorFlow they call
+the kernels in `keras_resnext.kernels`; on JAX and torch they are Keras' own.
 
-Keras 3 runs every grouped convolution on the TensorFlow backend inside a
+`GroupConv2D` is Keras' `Conv2D(groups=C)` without the XLA detour on
+TensorFlow. Keras 3 runs every grouped convolution on the TensorFlow backend inside a
 `tf.function(jit_compile=True)`. On CPU that is 3-25x slower than TensorFlow's
 own grouped kernel, and the `_XlaMustCompile` function it leaves in exported
 SavedModels is rejected by TF Serving's GPU builds (tensorflow/serving#2214).
 
 This layer keeps `Conv2D`'s arguments, weights and config, and on TensorFlow
-calls a grouped kernel directly: our AVX2 op (see `_native/`) for 3x3
+calls a grouped kernel directly: our AVX2 op (see `kernels/avx2/`) for 3x3
 convolutions with 4, 8, 16 or 32 channels per group on CPU, where it may run (see
-`_tf_ops.native_kernels`), else TensorFlow's native one (cuDNN on GPU, oneDNN
-on CPU). On JAX and torch it is plain `Conv2D`.
+`kernels.tf_ops.native_kernels`), else TensorFlow's native one (cuDNN on GPU,
+oneDNN on CPU). On JAX and torch it is plain `Conv2D`.
+
+`BatchNormalization` and `ReLU` fold into that AVX2 op at inference, and
+`NativeKernelSteps` lets a model's Keras steps use it.
 """
 
 import keras
 
-from keras_resnext import _tf_ops
+from keras_resnext.kernels import tf_ops
 
 
 @keras.saving.register_keras_serializable(package="keras_resnext")
@@ -32,7 +37,7 @@ class GroupConv2D(keras.layers.Conv2D):
             or self.data_format != "channels_last"
         ):
             return super().convolution_op(inputs, kernel)
-        return _tf_ops.grouped_conv2d(
+        return tf_ops.grouped_conv2d(
             inputs,
             kernel,
             strides=self.strides,
@@ -68,13 +73,30 @@ class BatchNormalization(keras.layers.BatchNormalization):
         training = bool(training) and self.trainable
         if not training:
             fused = (
-                _tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
+                tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
                 if self.compute_dtype == "float32"
                 else None
             )
             if fused is not None:
                 return fused
-        return _tf_ops.fused_batch_norm(self, inputs, training)
+        import tensorflow as tf
+
+        scale = self.gamma if self.scale else None
+        offset = self.beta if self.center else None
+        if training:
+            y, batch_mean, batch_variance = tf_ops.fused_batch_norm(
+                inputs, scale, offset, self.epsilon)
+            self._update_moving_statistics(batch_mean, batch_variance)
+        else:
+            y, _, _ = tf_ops.fused_batch_norm(inputs, scale, offset, self.epsilon,
+                                              self.moving_mean, self.moving_variance)
+        return tf.cast(y, self.compute_dtype)
+
+    def _update_moving_statistics(self, batch_mean, batch_variance):
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + batch_mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            self.moving_variance * momentum + batch_variance * (1.0 - momentum))
 
     def _inference_affine(self):
         import tensorflow as tf
@@ -100,7 +122,28 @@ class ReLU(keras.layers.ReLU):
             and not self.negative_slope
             and not self.threshold
         ):
-            fused = _tf_ops.fuse_into_conv(inputs, relu=True)
+            fused = tf_ops.fuse_into_conv(inputs, relu=True)
             if fused is not None:
                 return fused
         return super().call(inputs)
+
+
+class NativeKernelSteps:
+    """A `keras.Model` mixin whose train, test and predict steps may use our
+    AVX2 grouped convolution (unless the model is jit-compiled: XLA can't).
+
+    Keras traces its steps into graphs that only run here, never saved, which
+    is where `kernels.tf_ops.native_kernels` allows the op.
+    """
+
+    def train_step(self, *args, **kwargs):
+        with tf_ops.native_kernels(enabled=not self.jit_compile):
+            return super().train_step(*args, **kwargs)
+
+    def test_step(self, *args, **kwargs):
+        with tf_ops.native_kernels(enabled=not self.jit_compile):
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args, **kwargs):
+        with tf_ops.native_kernels(enabled=not self.jit_compile):
+            return super().predict_step(*args, **kwargs)

@@ -3,7 +3,8 @@
 import keras
 from keras import layers
 
-from keras_resnext import _tf_ops, blocks
+from keras_resnext import blocks
+from keras_resnext.layers import NativeKernelSteps
 
 # Table 1: blocks per stage (conv2..conv5) for the ImageNet networks.
 IMAGENET_STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -37,7 +38,7 @@ def _require_positive_int(value, what):
 
 
 @keras.saving.register_keras_serializable(package="keras_resnext")
-class ResNeXt(keras.Model):
+class ResNeXt(NativeKernelSteps, keras.Model):
     """A ResNeXt (or ResNet, cardinality 1 and width 64) as a functional model.
 
     Args:
@@ -116,20 +117,6 @@ class ResNeXt(keras.Model):
             keras.activations.get(classifier_activation)
         ) if classifier_activation is not None else None
         self.image_shape = tuple(self.inputs[0].shape[1:])
-
-    # Keras' steps are traced into graphs that only run here, so they may use
-    # our AVX2 grouped convolution (see _tf_ops.native_kernels); XLA can't.
-    def train_step(self, *args, **kwargs):
-        with _tf_ops.native_kernels(enabled=not self.jit_compile):
-            return super().train_step(*args, **kwargs)
-
-    def test_step(self, *args, **kwargs):
-        with _tf_ops.native_kernels(enabled=not self.jit_compile):
-            return super().test_step(*args, **kwargs)
-
-    def predict_step(self, *args, **kwargs):
-        with _tf_ops.native_kernels(enabled=not self.jit_compile):
-            return super().predict_step(*args, **kwargs)
 
     @property
     def depth(self):

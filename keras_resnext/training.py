@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_resnext import _tf_ops
+from keras_resnext.kernels import tf_ops as _tf_ops
 
 try:
     import fcntl

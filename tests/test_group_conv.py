@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_resnext as kr
-from keras_resnext import _tf_ops
+from keras_resnext.kernels import tf_ops
 
 
 def block_diagonal(kernel, groups):
@@ -83,7 +83,7 @@ def test_matches_block_diagonal_dense_conv(case, path):
         y, dx, dkernel = y.numpy(), dx.numpy(), dkernel.numpy()
     else:
         def conv(x, k):
-            return _tf_ops._grouped_conv2d_with_split_gradient(
+            return tf_ops._grouped_conv2d_with_split_gradient(
                 x, tf.convert_to_tensor(k), [case["strides"]] * 2,
                 case["padding"].upper(), [1, 1])
         y, dx, dkernel = forward_and_gradients(conv, x, kernel, upstream)
@@ -167,11 +167,11 @@ import os, sys
 import numpy as np
 import keras_resnext as kr
 import keras
-from keras_resnext import _tf_ops
+from keras_resnext.kernels import tf_ops
 import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port
 print("env", os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn", _pywrap_util_port.IsMklEnabled(),
-      "native", _tf_ops.native_grouped_gradient_available())
+      "native", tf_ops.native_grouped_gradient_available())
 model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3))
 model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
 rng = np.random.default_rng(0)

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import tensorflow as tf
 
-from keras_resnext import _native
+from keras_resnext.kernels import avx2
 
-BUILDABLE = (_native.enabled() and _native.cpu_supported()
+BUILDABLE = (avx2.enabled() and avx2.cpu_supported()
              and shutil.which(os.environ.get("CXX", "c++")) is not None)
 pytestmark = pytest.mark.skipif(not BUILDABLE, reason="no AVX2 CPU or no C++ compiler here")
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not BUILDABLE, reason="no AVX2 CPU or no C++ com
 CHECK_VALUES = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
-    from keras_resnext import _native, _tf_ops
+    from keras_resnext.kernels import avx2, tf_ops
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=[2, 9, 7, 16]).astype("float32"))
@@ -33,7 +33,7 @@ CHECK_VALUES = textwrap.dedent("""
 def fake_compiler(tmp_path):
     """A stand-in for c++ that "compiles" by copying the op this session
     built, and logs each call, so rebuilds are instant and countable."""
-    library = _native.build(tf)
+    library = avx2.build(tf)
     log = tmp_path / "builds.log"
     script = tmp_path / "fake-c++"
     script.write_text(textwrap.dedent(f"""\
@@ -60,13 +60,13 @@ def test_a_damaged_cached_library_is_rebuilt(damage, tmp_path, monkeypatch, pyth
     env = {"CXX": str(compiler), "KERAS_RESNEXT_CACHE": str(cache)}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    path = _native.build(tf)
+    path = avx2.build(tf)
     assert builds(log) == 1 and os.path.exists(f"{path}.sha256")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2 if damage == "truncated" else 0)
 
     code = CHECK_VALUES + textwrap.dedent("""
-        op = _native.grouped_conv_op()
+        op = avx2.grouped_conv_op()
         got = op(x, kernel, tf.zeros([0]), tf.zeros([0]), stride=1,
                  explicit_paddings=[1, 1, 1, 1])
         print("WORST", float(np.max(np.abs(got - expected))))
@@ -89,7 +89,7 @@ FIRST_USE_TOGETHER = CHECK_VALUES + textwrap.dedent(f"""
     def first_use(index):
         barrier.wait()
         try:
-            results[index] = _tf_ops.grouped_conv2d(x, kernel, [1, 1], "same", [1, 1])
+            results[index] = tf_ops.grouped_conv2d(x, kernel, [1, 1], "same", [1, 1])
         except Exception as error:
             errors.append(repr(error))
 
@@ -99,7 +99,7 @@ FIRST_USE_TOGETHER = CHECK_VALUES + textwrap.dedent(f"""
     for thread in threads:
         thread.join()
     assert not errors, errors
-    assert _native.grouped_conv_op() is not None
+    assert avx2.grouped_conv_op() is not None
     print("WORST", max(float(np.max(np.abs(y - expected))) for y in results))
 """)
 

@@ -1,4 +1,4 @@
-"""The AVX2 grouped convolution (keras_resnext/_native): values and gradients
+"""The AVX2 grouped convolution (keras_resnext/kernels/avx2): values and gradients
 against TensorFlow's grouped kernel, its inference fusions, where models use
 it, and the fallback when it can't be built."""
 
@@ -11,13 +11,13 @@ import pytest
 import tensorflow as tf
 
 import keras_resnext as kr
-from keras_resnext import _native, _tf_ops
+from keras_resnext.kernels import avx2, tf_ops
 
 # Skip only where the op can't be built; where it can, a failed build fails
 # test_builds_where_it_can instead of skipping everything quietly.
-BUILDABLE = (_native.enabled() and _native.cpu_supported()
+BUILDABLE = (avx2.enabled() and avx2.cpu_supported()
              and shutil.which(os.environ.get("CXX", "c++")) is not None)
-OP = _native.grouped_conv_op() if BUILDABLE else None
+OP = tf_ops.avx2_op() if BUILDABLE else None
 pytestmark = pytest.mark.skipif(not BUILDABLE, reason="no AVX2 CPU or no C++ compiler here")
 EMPTY = tf.zeros([0])
 
@@ -112,7 +112,7 @@ def small_model():
 
 def op_relu_flags(concrete_function):
     return [op.get_attr("relu") for op in concrete_function.graph.get_operations()
-            if op.type == _native.OP_NAME]
+            if op.type == avx2.OP_NAME]
 
 
 def test_keras_steps_fuse_batch_norm_and_relu_into_the_op_and_other_graphs_do_not_use_it():
@@ -139,7 +139,7 @@ def test_training_gradients_match_tensorflows_kernel():
     def gradients(native):
         with tf.GradientTape() as tape:
             if native:
-                with _tf_ops.native_kernels():
+                with tf_ops.native_kernels():
                     logits = model(x, training=True)
             else:
                 logits = model(x, training=True)
@@ -158,15 +158,15 @@ def test_switch_and_failed_build_fall_back_to_tensorflows_kernel(python_subproce
         import warnings
         import numpy as np
         import keras_resnext as kr
-        from keras_resnext import _native
+        from keras_resnext.kernels import avx2
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            op = _native.grouped_conv_op()
+            op = avx2.grouped_conv_op()
         model = kr.ResNeXt29(depth=11, cardinality=2, width=4, input_shape=(16, 16, 3))
         model.predict_on_batch(np.zeros([1, 16, 16, 3], "float32"))
         print("OP", op is None, [str(w.message) for w in caught])
     """)
-    off = python_subprocess(code, env={_native.SWITCH: "0"})
+    off = python_subprocess(code, env={avx2.SWITCH: "0"})
     assert off.returncode == 0, off.stderr[-2000:]
     assert "OP True []" in off.stdout
     broken = python_subprocess(code, env={"CXX": str(tmp_path / "no-such-compiler"),
@@ -216,8 +216,8 @@ def sweep_cases(count, seed):
 def test_random_shapes_in_sequence_match_tensorflow(monkeypatch):
     assert OP is not None
     calls = []
-    avx2_conv = _tf_ops._avx2_conv
-    monkeypatch.setattr(_tf_ops, "_avx2_conv",
+    avx2_conv = tf_ops._avx2_conv
+    monkeypatch.setattr(tf_ops, "_avx2_conv",
                         lambda *args, **kwargs: calls.append(1) or avx2_conv(*args, **kwargs))
     worst = 0.0
     for index, case in enumerate(sweep_cases(40, seed=11)):
@@ -236,7 +236,7 @@ def test_random_shapes_in_sequence_match_tensorflow(monkeypatch):
             layer.kernel.assign(kernel)
             run = lambda: layer(x)  # noqa: E731
         else:
-            run = lambda: _tf_ops.grouped_conv2d(  # noqa: E731
+            run = lambda: tf_ops.grouped_conv2d(  # noqa: E731
                 x, kernel, [stride] * 2, padding, [dilation] * 2)
         # Inputs smaller than the kernel: TensorFlow's rule, (size - 3 +
         # stride) // stride, empty at 0 and an error below (see

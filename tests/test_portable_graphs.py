@@ -29,7 +29,7 @@ import keras_resnext as kr
 import keras
 import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port
-from keras_resnext import _native
+from keras_resnext.kernels import avx2
 
 model_path, images_path, export_dir, keras_export_dir = sys.argv[1:5]
 model = keras.saving.load_model(model_path)
@@ -37,7 +37,7 @@ x = np.load(images_path)
 expected = model(x, training=False).numpy()
 labels = np.array([0, 1, 2, 0])
 result = {"onednn": bool(_pywrap_util_port.IsMklEnabled()),
-          "native": _native.grouped_conv_op() is not None}
+          "native": avx2.grouped_conv_op() is not None}
 
 def agree(name, got):
     result[name] = float(np.max(np.abs(np.asarray(got) - expected)))

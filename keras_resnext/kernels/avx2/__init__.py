@@ -54,9 +54,12 @@ def cpu_supported():
 
 
 def grouped_conv_op():
-    """The op's Python function, or None where it can't be used here."""
-    # One thread builds, loads and registers the gradient; the others wait
-    # for its answer (a second RegisterGradient would raise).
+    """The op's Python function, or None where it can't be used here.
+
+    Without a gradient: `kernels.tf_ops.avx2_op()` gives the op with its
+    gradient registered.
+    """
+    # One thread builds and loads; the others wait for its answer.
     with _first_use:
         return _load_op()
 
@@ -77,9 +80,6 @@ def _load_op():
             stacklevel=3,
         )
         return None
-    from keras_resnext import _tf_ops
-
-    tf.RegisterGradient(OP_NAME)(_tf_ops.avx2_op_gradient)
     return library.keras_resnext_grouped_conv2d
 
 

@@ -1,12 +1,14 @@
-"""TensorFlow-only kernels. TensorFlow is imported lazily, inside the functions."""
+"""TensorFlow functions behind our layers. TensorFlow is imported lazily,
+inside the functions."""
 
 import contextlib
 import functools
 import threading
 
-from keras_resnext import _native
+from keras_resnext.kernels import avx2
 
 _scope = threading.local()
+_avx2_first_use = threading.Lock()
 # Channels per group where the AVX2 op beats oneDNN (benchmarks/grouped_conv.py).
 NATIVE_GROUP_WIDTHS = (4, 8, 16, 32)
 
@@ -17,8 +19,9 @@ def native_kernels(enabled=True):
 
     The op is a library of ours that TF Serving and a bare TensorFlow don't
     have, so it goes only into graphs that are run here and never saved:
-    Keras' train/test/predict steps (see `ResNeXt`) and the training loop.
-    Eager calls use it too; any other `tf.function` gets TensorFlow's op.
+    Keras' train/test/predict steps (see `layers.NativeKernelSteps`) and the
+    training loop. Eager calls use it too; any other `tf.function` gets
+    TensorFlow's op.
     """
     depth = getattr(_scope, "depth", 0)
     _scope.depth = depth + 1 if enabled else 0
@@ -118,8 +121,27 @@ def _avx2_conv(x, kernel, stride, pads, scale=None, offset=None, relu=False):
 
     if scale is None:
         scale = offset = tf.zeros([0], tf.float32)
-    return _native.grouped_conv_op()(x, kernel, scale, offset, stride=stride,
-                                     explicit_paddings=pads, relu=relu)
+    return avx2_op()(x, kernel, scale, offset, stride=stride, explicit_paddings=pads,
+                     relu=relu)
+
+
+def avx2_op():
+    """The AVX2 op's Python function with its gradient registered, or None
+    where the op can't be used here."""
+    # One thread loads the op and registers its gradient; the others wait for
+    # its answer (a second RegisterGradient would raise).
+    with _avx2_first_use:
+        return _avx2_op_with_gradient()
+
+
+@functools.lru_cache(maxsize=None)
+def _avx2_op_with_gradient():
+    op = avx2.grouped_conv_op()
+    if op is not None:
+        import tensorflow as tf
+
+        tf.RegisterGradient(avx2.OP_NAME)(avx2_op_gradient)
+    return op
 
 
 def _avx2_op_applies(x, kernel, strides, dilations):
@@ -144,7 +166,7 @@ def _avx2_op_applies(x, kernel, strides, dilations):
         or _in_xla_context()
     ):
         return False
-    return _native.grouped_conv_op() is not None
+    return avx2_op() is not None
 
 
 def _in_xla_context():
@@ -192,7 +214,7 @@ def fuse_into_conv(x, affine=None, relu=False):
     import tensorflow as tf
 
     op = getattr(x, "op", None) if not tf.executing_eagerly() else None
-    if op is None or op.type != _native.OP_NAME or op.get_attr("relu"):
+    if op is None or op.type != avx2.OP_NAME or op.get_attr("relu"):
         return None
     scale, offset = op.inputs[2], op.inputs[3]
     if affine is not None:
@@ -317,36 +339,29 @@ def _grouped_conv2d_with_split_gradient(x, kernel, strides, padding, dilations):
     return conv(x, kernel)
 
 
-def fused_batch_norm(layer, inputs, training):
-    """NHWC batch norm of a Keras BN layer with `FusedBatchNormV3`."""
+def fused_batch_norm(x, scale, offset, epsilon, mean=None, variance=None):
+    """NHWC batch norm with `FusedBatchNormV3`: x normalized by `mean` and
+    `variance`, or, where they are None (training), by the batch's own.
+
+    `scale` or `offset` None stands for ones or zeros. Returns `(y, mean,
+    variance)`: in training the batch's mean and its unbiased variance (what
+    PyTorch's moving variance tracks), else the ones given. y is float32
+    unless x is float16 or bfloat16.
+    """
     import tensorflow as tf
 
-    x = tf.convert_to_tensor(inputs)
+    x = tf.convert_to_tensor(x)
     if x.dtype not in (tf.float16, tf.bfloat16, tf.float32):
         x = tf.cast(x, tf.float32)
     channels = x.shape[-1]
-    scale = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([channels])
-    offset = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([channels])
+    scale = tf.ones([channels]) if scale is None else tf.convert_to_tensor(scale)
+    offset = tf.zeros([channels]) if offset is None else tf.convert_to_tensor(offset)
+    training = mean is None
     if training:
-        empty = tf.constant([], tf.float32)
-        y, batch_mean, batch_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=scale, offset=offset, mean=empty, variance=empty,
-            epsilon=layer.epsilon, exponential_avg_factor=1.0,
-            data_format="NHWC", is_training=True,
-        )
-        momentum = layer.momentum
-        layer.moving_mean.assign(
-            layer.moving_mean * momentum + batch_mean * (1.0 - momentum)
-        )
-        layer.moving_variance.assign(
-            layer.moving_variance * momentum + batch_variance * (1.0 - momentum)
-        )
-    else:
-        y = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=scale, offset=offset,
-            mean=tf.convert_to_tensor(layer.moving_mean),
-            variance=tf.convert_to_tensor(layer.moving_variance),
-            epsilon=layer.epsilon, exponential_avg_factor=1.0,
-            data_format="NHWC", is_training=False,
-        )[0]
-    return tf.cast(y, layer.compute_dtype)
+        mean = variance = tf.constant([], tf.float32)
+    return tuple(tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset,
+        mean=tf.convert_to_tensor(mean), variance=tf.convert_to_tensor(variance),
+        epsilon=epsilon, exponential_avg_factor=1.0,
+        data_format="NHWC", is_training=training,
+    )[:3])
