@@ -1,0 +1,1 @@
+"""TensorFlow-only code under the backend-neutral modules: kernels and image ops."""
