@@ -52,11 +52,7 @@ def eval_transform(family_or_model, image_size=None):
     crop removes nothing.
     """
     if isinstance(family_or_model, str):
-        family = family_or_model
-        if family not in EVAL_TRANSFORMS:
-            raise ValueError(
-                f"Unknown family {family!r}; use one of {', '.join(EVAL_TRANSFORMS)}."
-            )
+        family = _require_family(family_or_model)
         if image_size is None:
             image_size = EVAL_TRANSFORMS[family]["image_size"]
     else:
@@ -77,14 +73,18 @@ def _square_input_size(model):
     return int(height)
 
 
+def _require_family(family):
+    if family not in EVAL_TRANSFORMS:
+        raise ValueError(f"Unknown family {family!r}; use one of {', '.join(EVAL_TRANSFORMS)}.")
+    return family
+
+
 def builder(family, depth):
     """The builder of a `family` network of `depth`: ResNeXt50/101/152 for
     ImageNet; for CIFAR, ResNeXt29 with `depth` (any 9n + 2) fixed."""
-    if family == "cifar":
+    if _require_family(family) == "cifar":
         cifar_stage_depths(depth)  # a depth that isn't 9n + 2 fails here, before building
         return lambda **arguments: ResNeXt29(depth=depth, **arguments)
-    if family != "imagenet":
-        raise ValueError(f"Unknown family {family!r}; use one of {', '.join(EVAL_TRANSFORMS)}.")
     builders = {50: ResNeXt50, 101: ResNeXt101, 152: ResNeXt152}
     if depth not in builders:
         raise ValueError(f"ImageNet ResNeXt depth must be 50, 101 or 152; got {depth!r}.")

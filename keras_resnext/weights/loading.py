@@ -57,6 +57,8 @@ def _require_resnext(model):
 
 
 def load_tensors(model, checkpoint):
+    """Assign `checkpoint` to `model`, through a twin of the checkpoint's block
+    form if it is another, after checking that every tensor fits."""
     _require_resnext(model)
     tensors, head_warning = _fit_head(model, checkpoint)
     target = model

@@ -31,6 +31,7 @@ KERAS_BLOCK_LAYER = re.compile(
 
 
 def strip_wrapper_prefixes(state):
+    """`state` without the prefix a wrapper put on every key."""
     for prefix in _WRAPPER_PREFIXES:
         if state and all(name.startswith(prefix) for name in state):
             return strip_wrapper_prefixes(
@@ -66,12 +67,14 @@ def torch_module_for(layer):
 
 
 def tensor_names(layer):
+    """torch's names of our layer's tensors, in the order of its Keras weights."""
     if layer == "predictions":
         return _DENSE_TENSORS
     return _BN_TENSORS if layer.endswith("_bn") else _CONV_TENSORS
 
 
 def to_keras_layout(value):
+    """A tensor in PyTorch's layout, in Keras' layout."""
     if value.ndim == 4:  # conv [out, in / groups, kh, kw] -> [kh, kw, in / groups, out]
         return np.transpose(value, (2, 3, 1, 0))
     if value.ndim == 2:  # fc [out, in] -> Dense [in, out]
@@ -80,6 +83,7 @@ def to_keras_layout(value):
 
 
 def torch_shape(keras_shape):
+    """The shape in PyTorch's layout of a tensor of `keras_shape`."""
     keras_shape = tuple(keras_shape)
     if len(keras_shape) == 4:
         kh, kw, in_channels, out_channels = keras_shape

@@ -44,6 +44,8 @@ class Tensor:
 
 @dataclasses.dataclass
 class Checkpoint:
+    """A weights file's tensors under our layer names, not yet checked against a model."""
+
     path: str
     naming: str  # KERAS or TORCH
     block_form: str
@@ -65,10 +67,10 @@ def detect_format(path):
         return KERAS
     if head.startswith(_ZIP_SIGNATURE):
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        if any(name.endswith("data.pkl") for name in names):
+            members = archive.namelist()
+        if any(member.endswith("data.pkl") for member in members):
             return TORCH
-        if "model.weights.h5" in names:
+        if "model.weights.h5" in members:
             raise ValueError(
                 f"{path} is a whole Keras model (.keras): load it with "
                 f"keras.saving.load_model, or pass a .weights.h5 file as `weights`."
@@ -85,6 +87,7 @@ def detect_format(path):
 
 
 def weights_path(weights):
+    """The file `weights` names, or raise naming the problem."""
     if isinstance(weights, str) and weights.lower() == "imagenet":
         raise ValueError(
             "weights='imagenet': keras_resnext hosts no weight files; download a "
@@ -105,6 +108,7 @@ def weights_path(weights):
 
 
 def read_torch_layout(path, file_format):
+    """A PyTorch or safetensors file, with torchvision's or timm's names, as a Checkpoint."""
     state = _read_torch(path) if file_format == TORCH else _read_safetensors(path)
     return _checkpoint_from_state_dict(path, names.strip_wrapper_prefixes(state))
 
@@ -246,7 +250,7 @@ def keras_load(model, path):
 
 
 def read_keras(path, model):
-    """The file's tensors, read through a twin of `model` with the file's head.
+    """The file's tensors, read through a twin of `model` (a ResNeXt) with the file's head.
 
     A `.weights.h5` names tensors by position, not by layer, so it only reads
     into the architecture it was saved from: try `model`'s block form first,
