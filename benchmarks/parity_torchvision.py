@@ -26,7 +26,7 @@ import keras_resnext as kr  # before TensorFlow, for its oneDNN switch
 import numpy as np
 from absl import app, flags
 
-from keras_resnext import weights as kr_weights
+from keras_resnext.convert import convert
 
 _MODELS = flags.DEFINE_list(
     "models", ["resnext50_32x4d"], "torchvision model names, each also a keras_resnext preset."
@@ -75,7 +75,7 @@ def main(argv):
             images, reference = torchvision_reference(name, out_dir)
             checkpoint = os.path.join(out_dir, f"{name}.safetensors")
             converted = os.path.join(out_dir, f"{name}.weights.h5")
-            kr_weights.convert(checkpoint, converted, name)
+            convert(checkpoint, converted, name)
             sources = {"safetensors": checkpoint, "weights.h5": converted}
             if torch_here:
                 sources["pth"] = os.path.join(out_dir, f"{name}.pth")

@@ -1,6 +1,7 @@
 """ResNeXt ("Aggregated Residual Transformations for Deep Neural Networks",
 Xie et al., CVPR 2017) for Keras 3."""
 
+import importlib as _importlib
 import os as _os
 import sys as _sys
 
@@ -12,34 +13,36 @@ if "tensorflow" not in _sys.modules:
     _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from keras_resnext import layers  # noqa: E402
-from keras_resnext.complexity import bottleneck_width, count_flops  # noqa: E402
-from keras_resnext.models import (  # noqa: E402
-    ResNeXt,
+from keras_resnext.applications import (  # noqa: E402
+    PRESETS,
     ResNeXt29,
     ResNeXt50,
     ResNeXt101,
     ResNeXt152,
+    build,
 )
-from keras_resnext.preprocessing import (  # noqa: E402
-    decode_predictions,
-    preprocess_for_eval,
-    preprocess_input,
-)
-from keras_resnext.presets import PRESETS, build  # noqa: E402
+from keras_resnext.complexity import bottleneck_width, count_flops  # noqa: E402
+from keras_resnext.models import ResNeXt  # noqa: E402
+from keras_resnext.preprocessing import decode_predictions, preprocess_input  # noqa: E402
 from keras_resnext.reformulate import reformulate  # noqa: E402
 from keras_resnext.weights import load_weights  # noqa: E402
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    # TensorFlow-only, so imported on first use: `import keras_resnext` must work
-    # where TensorFlow isn't installed.
-    if name == "export_saved_model":
-        from keras_resnext.export import export_saved_model
+# TensorFlow-only, so imported on first use (and left out of __all__):
+# `import keras_resnext` must work where TensorFlow isn't installed.
+_TENSORFLOW_ONLY = {
+    "export_saved_model": "keras_resnext.export",
+    "preprocess_for_eval": "keras_resnext.kernels.images",
+}
 
-        return export_saved_model
+
+def __getattr__(name):
+    if name in _TENSORFLOW_ONLY:
+        return getattr(_importlib.import_module(_TENSORFLOW_ONLY[name]), name)
     raise AttributeError(f"module 'keras_resnext' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS",
@@ -54,7 +57,6 @@ __all__ = [
     "decode_predictions",
     "layers",
     "load_weights",
-    "preprocess_for_eval",
     "preprocess_input",
     "reformulate",
 ]

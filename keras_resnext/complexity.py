@@ -4,6 +4,8 @@ import math
 
 import keras
 
+from keras_resnext.models import require_positive_int
+
 
 def bottleneck_width(cardinality, reference_width=64, block_channels=256):
     """The bottleneck width d that keeps a block's complexity (Eq. 4, Table 2).
@@ -15,8 +17,7 @@ def bottleneck_width(cardinality, reference_width=64, block_channels=256):
     """
     for value, what in ((cardinality, "cardinality"), (reference_width, "reference_width"),
                         (block_channels, "block_channels")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{what}` must be a positive integer; got {value!r}.")
+        require_positive_int(value, what)
     reference = 2 * block_channels * reference_width + 9 * reference_width**2
     a, b, c = 9 * cardinality, 2 * block_channels * cardinality, -reference
     d = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)

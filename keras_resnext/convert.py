@@ -10,9 +10,40 @@ with torchvision's or timm's key names. The classifier is kept as SRC has it.
 # argparse, not absl flags: this module lives in the library, and absl's global
 # flag registry would clash with the training CLIs' flags in one process.
 import argparse
+import os
 
-from keras_resnext import weights
-from keras_resnext.presets import PRESETS
+from keras_resnext.applications import PRESETS, build
+from keras_resnext.weights import loading, readers
+
+
+def convert(source, destination, preset):
+    """Write the checkpoint `source` as a Keras `.weights.h5` for `preset`.
+
+    The classifier is kept as the checkpoint has it (its number of classes, or
+    none). Returns the loaded model, with block form c.
+    """
+    if not os.fspath(destination).endswith(".weights.h5"):
+        raise ValueError(f"The destination must end in .weights.h5; got {destination}.")
+    path = readers.weights_path(source)
+    file_format = readers.detect_format(path)
+    checkpoint = None
+    if file_format == readers.KERAS:
+        classes, _ = readers.keras_file_summary(path)
+    else:
+        checkpoint = readers.read_torch_layout(path, file_format)
+        classes = checkpoint.classes
+    model = build(
+        preset,
+        include_top=classes is not None,
+        classes=classes or 1000,
+        classifier_activation=None,
+    )
+    if checkpoint is None:
+        loading.load_weights(model, path)
+    else:
+        loading.load_tensors(model, checkpoint)
+    model.save_weights(os.fspath(destination))
+    return model
 
 
 def parse_args(argv):
@@ -30,7 +61,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model = weights.convert(args.source, args.destination, args.model)
+        model = convert(args.source, args.destination, args.model)
     except (ValueError, OSError, ImportError) as error:
         raise SystemExit(f"convert: {error}") from None
     head = f"{model.classes} classes" if model.include_top else "no classifier"

@@ -35,7 +35,8 @@ import keras
 import tensorflow as tf
 
 from keras_resnext import preprocessing
-from keras_resnext.presets import default_resize_size
+from keras_resnext.applications import eval_transform
+from keras_resnext.kernels.images import header_problem, preprocess_for_eval, read_image_header
 
 SERVING_SIGNATURE = "serving_default"
 PREPROCESSED_SIGNATURE = "serving_preprocessed"
@@ -45,27 +46,6 @@ _VERSION_PATTERN = re.compile(r"^[0-9]+$")
 # 64 megapixels (8000x8000) holds every camera photo in common use; decoded,
 # it is 192 MB of uint8, so one request cannot take the server down.
 DEFAULT_MAX_PIXELS = 64_000_000
-
-
-def default_eval_transform(model, image_size=None):
-    """`(image_size, resize_size)` of the eval view a model was trained for.
-
-    `image_size` defaults to the model's input size. ImageNet-style models
-    resize the shorter side in §4's proportion (256 for 224); CIFAR-style
-    models (`model.stem == "cifar"`) resize to `image_size` itself, so the
-    crop removes nothing.
-    """
-    if image_size is None:
-        height, width = tuple(model.inputs[0].shape[1:3])
-        if height is None or height != width:
-            raise ValueError(
-                f"Cannot infer the eval image size from the model's input shape "
-                f"{tuple(model.inputs[0].shape)}; pass image_size."
-            )
-        image_size = int(height)
-    if getattr(model, "stem", "imagenet") == "cifar":
-        return image_size, image_size
-    return image_size, default_resize_size(image_size)
 
 
 def default_class_names(num_classes):
@@ -98,7 +78,7 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         class_names: one name per class; default ImageNet's for 1000
             classes, else the class indices as strings.
         image_size, resize_size: the eval crop; default from the model
-            (see `default_eval_transform`).
+            (see `keras_resnext.applications.eval_transform`).
         max_pixels: `serving_default` refuses images whose header says
             they have more pixels than this, before decoding them. The
             decoded image takes 3 bytes a pixel, so this bounds the memory
@@ -115,7 +95,7 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         raise ValueError(
             f"The model has {num_classes} classes but {len(class_names)} class names were given."
         )
-    image_size, default_resize = default_eval_transform(model, image_size)
+    image_size, default_resize = eval_transform(model, image_size)
     resize_size = int(resize_size or default_resize)
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
@@ -217,11 +197,10 @@ class ServingModule(tf.Module):
     def _serve_image_bytes(self, image_bytes):
         count = _assert_not_empty(image_bytes, "image_bytes")
         format_names, heights, widths = tf.map_fn(
-            preprocessing.read_image_header, image_bytes,
+            read_image_header, image_bytes,
             fn_output_signature=(tf.string, tf.int64, tf.int64),
         )
-        problems = preprocessing.header_problem(format_names, heights, widths,
-                                                self._max_pixels)
+        problems = header_problem(format_names, heights, widths, self._max_pixels)
         decodable = tf.where(tf.equal(problems, ""))[:, 0]
         decoded, images = self._decode_each(tf.gather(image_bytes, decodable), decodable)
         problems = tf.tensor_scatter_nd_update(
@@ -244,7 +223,7 @@ class ServingModule(tf.Module):
         """
         image_size = self._image_size
         dataset = tf.data.Dataset.from_tensor_slices((indices, image_bytes)).map(
-            lambda index, one: (index, preprocessing.preprocess_for_eval(
+            lambda index, one: (index, preprocess_for_eval(
                 one, image_size, self._resize_size)),
         ).ignore_errors()
         nothing = tf.data.Dataset.from_tensors(

@@ -1,4 +1,4 @@
-"""The ResNeXt family as one Keras model class and the paper's builders."""
+"""The ResNeXt family as one Keras model class, and its stage tables."""
 
 import keras
 from keras import layers
@@ -32,8 +32,12 @@ def default_name(depth, cardinality, width):
     return f"resnext{depth}_{cardinality}x{width}d"
 
 
-def _require_positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def is_positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def require_positive_int(value, what):
+    if not is_positive_int(value):
         raise ValueError(f"`{what}` must be a positive integer; got {value!r}.")
 
 
@@ -146,13 +150,11 @@ class ResNeXt(NativeKernelSteps, keras.Model):
 
 def _validate(stage_depths, cardinality, width, block_form, stem, include_top, pooling,
               classes):
-    if not stage_depths or any(
-        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in stage_depths
-    ):
+    if not stage_depths or not all(map(is_positive_int, stage_depths)):
         raise ValueError(f"`stage_depths` must be positive integers; got {stage_depths!r}.")
-    _require_positive_int(cardinality, "cardinality")
-    _require_positive_int(width, "width")
-    _require_positive_int(classes, "classes")
+    require_positive_int(cardinality, "cardinality")
+    require_positive_int(width, "width")
+    require_positive_int(classes, "classes")
     if block_form not in blocks.BLOCK_FORMS:
         raise ValueError(
             f"`block_form` must be one of 'a', 'b', 'c' (Fig. 3); got {block_form!r}."
@@ -192,66 +194,3 @@ def _inputs(input_shape, input_tensor, include_top, stem):
         x = layers.Input(tensor=input_tensor, shape=input_shape, name="image")
         return x, x
     return keras.utils.get_source_inputs(input_tensor), input_tensor
-
-
-def _build(stage_depths, stem, default, weights, arguments):
-    name = arguments.pop("name") or default
-    model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
-    if weights is not None:
-        from keras_resnext.weights import load_weights
-
-        load_weights(model, weights)
-    return model
-
-
-def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, input_shape,
-              pooling, classes, classifier_activation, block_form, name):
-    arguments = dict(
-        cardinality=cardinality, width=width, include_top=include_top,
-        input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
-        classes=classes, classifier_activation=classifier_activation,
-        block_form=block_form, name=name,
-    )
-    return _build(IMAGENET_STAGE_DEPTHS[depth], "imagenet",
-                  default_name(depth, cardinality, width), weights, arguments)
-
-
-def ResNeXt50(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
-              input_shape=None, pooling=None, classes=1000,
-              classifier_activation="softmax", block_form="c", name=None):
-    """ResNeXt-50 (C x d), Table 1. `cardinality=1, width=64` is ResNet-50."""
-    return _imagenet(50, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
-
-
-def ResNeXt101(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
-               input_shape=None, pooling=None, classes=1000,
-               classifier_activation="softmax", block_form="c", name=None):
-    """ResNeXt-101 (C x d). `cardinality=1, width=64` is ResNet-101."""
-    return _imagenet(101, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
-
-
-def ResNeXt152(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
-               input_shape=None, pooling=None, classes=1000,
-               classifier_activation="softmax", block_form="c", name=None):
-    """ResNeXt-152 (C x d). `cardinality=1, width=64` is ResNet-152."""
-    return _imagenet(152, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
-
-
-def ResNeXt29(cardinality=8, width=64, classes=10, depth=29, include_top=True, weights=None,
-              input_tensor=None, input_shape=None, pooling=None,
-              classifier_activation="softmax", block_form="c", name=None):
-    """The CIFAR ResNeXt of §5.3: 3x3 stem, 3 stages of (depth - 2) / 9 blocks.
-
-    `depth=11` gives one block per stage for quick runs.
-    """
-    arguments = dict(
-        cardinality=cardinality, width=width, include_top=include_top,
-        input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
-        classes=classes, classifier_activation=classifier_activation,
-        block_form=block_form, name=name,
-    )
-    return _build(cifar_stage_depths(depth), "cifar",
-                  f"resnext{depth}_{cardinality}x{width}d", weights, arguments)

@@ -8,7 +8,7 @@ per-image views; the ImageNet eval crop is `keras_resnext`'s own.
 
 import keras_resnext  # noqa: F401  Sets TensorFlow's CPU options before TF loads.
 from pipelines import cifar, imagenet  # noqa: E402
-from pipelines.dataset import build_dataset, default_resize_size  # noqa: E402
+from pipelines.dataset import build_dataset  # noqa: E402
 from pipelines.sources import SPLITS, SplitInfo, describe_source  # noqa: E402
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "SplitInfo",
     "build_dataset",
     "cifar",
-    "default_resize_size",
     "describe_source",
     "imagenet",
 ]

@@ -7,7 +7,8 @@ horizontally; evaluation uses the image as it is. Both normalise with
 
 import tensorflow as tf
 
-from keras_resnext.preprocessing import decode_image, preprocess_input
+from keras_resnext.kernels.images import decode_image
+from keras_resnext.preprocessing import preprocess_input
 
 __all__ = ["PADDING", "preprocess_for_eval", "preprocess_for_train"]
 

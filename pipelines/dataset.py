@@ -4,12 +4,12 @@ import sys
 
 import tensorflow as tf
 
+from keras_resnext.applications import eval_transform
 from keras_resnext.preprocessing import preprocess_input
-from keras_resnext.presets import EVAL_TRANSFORMS, default_resize_size
 from pipelines import cifar, imagenet
 from pipelines.sources import open_source
 
-__all__ = ["PREPROCESSINGS", "build_dataset", "default_resize_size"]
+__all__ = ["PREPROCESSINGS", "build_dataset"]
 
 PREPROCESSINGS = ("imagenet", "cifar")
 DEFAULT_SHUFFLE_BUFFER = 10_000
@@ -37,7 +37,8 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
         the last partial batch included.
       image_size: crop size; default 224 (ImageNet-style) or 32 (CIFAR-style).
       resize_size: ImageNet-style eval only, the shorter side before the centre
-        crop; default 256 for 224 and in that proportion for other sizes.
+        crop; default `keras_resnext.applications.eval_transform`'s (256 for
+        224, in that proportion for other sizes).
       preprocessing: "imagenet" or "cifar"; default "cifar" for 32x32 images.
       data_dir, manual_dir: passed to TFDS.
       tfrecord_label_offset: subtracted from TFRecord labels (1 for TF's
@@ -76,10 +77,9 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
             "color_jitter and pca_lighting are ImageNet-style augmentations; "
             f"{source} uses CIFAR-style preprocessing."
         )
-    if image_size is None:
-        image_size = EVAL_TRANSFORMS[preprocessing]["image_size"]
+    image_size, default_resize_size = eval_transform(preprocessing, image_size)
     if resize_size is None:
-        resize_size = default_resize_size(image_size)
+        resize_size = default_resize_size
     preprocess = _preprocess_function(
         preprocessing, training, image_size, resize_size, color_jitter, pca_lighting
     )

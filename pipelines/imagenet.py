@@ -13,11 +13,8 @@ pipeline that hands out seeds deterministically is reproducible.
 
 import tensorflow as tf
 
-from keras_resnext.preprocessing import (
-    decode_image,
-    preprocess_for_eval,
-    preprocess_input,
-)
+from keras_resnext.kernels.images import decode_image, preprocess_for_eval
+from keras_resnext.preprocessing import preprocess_input
 
 __all__ = [
     "AREA_RANGE",

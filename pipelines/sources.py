@@ -31,7 +31,8 @@ import struct
 
 import tensorflow as tf
 
-from keras_resnext.preprocessing import decode_image, imagenet_classes
+from keras_resnext.kernels.images import decode_image
+from keras_resnext.preprocessing import imagenet_classes
 
 __all__ = ["SPLITS", "SplitInfo", "describe_source", "open_source"]
 

@@ -136,10 +136,10 @@ def test_softmax_heads_are_not_softmaxed_twice_and_cifar_keeps_its_32x32_view(tm
 
 
 def test_default_eval_transform_follows_the_family():
-    assert export.default_eval_transform(tiny_model()) == (32, 32)
+    assert kr.applications.eval_transform(tiny_model()) == (32, 32)
     imagenet_style = kr.ResNeXt50(cardinality=2, width=4, input_shape=(64, 64, 3), classes=5)
-    assert export.default_eval_transform(imagenet_style) == (64, 73)  # 64 * 256 / 224
-    assert export.default_eval_transform(imagenet_style, image_size=224) == (224, 256)
+    assert kr.applications.eval_transform(imagenet_style) == (64, 73)  # 64 * 256 / 224
+    assert kr.applications.eval_transform(imagenet_style, image_size=224) == (224, 256)
     with pytest.raises(ValueError, match="include_top"):
         export.export_saved_model(kr.ResNeXt29(depth=11, cardinality=2, width=4,
                                                include_top=False, pooling="avg"), "unused")

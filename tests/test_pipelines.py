@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import keras_resnext
+import keras_resnext.kernels.images
 import pipelines
 from pipelines import cifar, imagenet
 from pipelines.sources import count_tfrecords
@@ -217,7 +218,7 @@ def test_color_augmentations_are_off_by_default():
 
 
 def test_eval_view_is_keras_resnext_preprocess_for_eval():
-    assert imagenet.preprocess_for_eval is keras_resnext.preprocessing.preprocess_for_eval
+    assert imagenet.preprocess_for_eval is keras_resnext.kernels.images.preprocess_for_eval
 
 
 def pil_eval_view(data, image_size, resize_size):
@@ -248,8 +249,8 @@ def test_eval_view_matches_pil_resize_and_center_crop(height, width, image_size,
 
 
 def test_default_resize_keeps_the_224_over_256_proportion():
-    assert pipelines.default_resize_size(224) == 256
-    assert pipelines.default_resize_size(320) == 366
+    assert keras_resnext.applications.eval_transform("imagenet", 224) == (224, 256)
+    assert keras_resnext.applications.eval_transform("imagenet", 320) == (320, 366)
 
 
 def test_cmyk_jpeg_and_png_named_jpeg_decode_like_pil(tmp_path):
@@ -330,7 +331,8 @@ def test_eval_yields_every_example_once_with_a_partial_last_batch(identity_folde
 def test_eval_batches_are_keras_resnext_eval_views(tmp_path):
     data = encode(textured_pixels(90, 70), "JPEG", quality=90)
     write(str(tmp_path / "val" / "a" / "photo.jpg"), data)
-    for image_size, resize_size in ((48, 56), (64, pipelines.default_resize_size(64))):
+    for image_size, resize_size in ((48, 56),
+                                    keras_resnext.applications.eval_transform("imagenet", 64)):
         _, images, _ = pass_of(pipelines.build_dataset(
             f"folder:{tmp_path}", "val", 2, False, image_size=image_size,
             resize_size=None if image_size == 64 else resize_size,

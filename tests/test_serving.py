@@ -20,7 +20,7 @@ import keras_resnext as kr
 tf = pytest.importorskip("tensorflow")
 export = pytest.importorskip("keras_resnext.export")
 predict = pytest.importorskip("keras_resnext.predict")
-preprocessing = kr.preprocessing
+image_ops = pytest.importorskip("keras_resnext.kernels.images")
 
 IMAGE_SIZE = 16
 # Small enough that a 40x40 image is over it, so the limit is tested without
@@ -72,7 +72,7 @@ def constant_png(height, width, value=127):
 
 
 def header(image_bytes):
-    format_name, height, width = tf.function(preprocessing.read_image_header)(
+    format_name, height, width = tf.function(image_ops.read_image_header)(
         tf.constant(image_bytes))
     return format_name.numpy().decode(), int(height), int(width)
 
@@ -91,7 +91,7 @@ def test_headers_give_the_size_decode_image_will_produce(fmt, options):
     for height, width in ((20, 30), (37, 1), (300, 517)):
         data = encode(fmt, height, width, **options)
         assert header(data) == (fmt, height, width)
-        assert tuple(preprocessing.decode_image(data).shape[:2]) == (height, width)
+        assert tuple(image_ops.decode_image(data).shape[:2]) == (height, width)
 
 
 def test_jpeg_frame_header_is_found_after_other_segments():
@@ -109,7 +109,7 @@ def test_top_down_bmp_has_a_negative_height_in_its_header():
     data = bytearray(encode("BMP", 7, 9))
     data[22:26] = struct.pack("<i", -7)
     assert header(bytes(data)) == ("BMP", 7, 9)
-    assert tuple(preprocessing.decode_image(bytes(data)).shape) == (7, 9, 3)
+    assert tuple(image_ops.decode_image(bytes(data)).shape) == (7, 9, 3)
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -132,7 +132,7 @@ def test_short_or_malformed_headers_read_as_unknown_without_raising(data, expect
 
 
 def test_header_problems_are_one_line_each():
-    problems = preprocessing.header_problem(
+    problems = image_ops.header_problem(
         tf.constant(["", "PNG", "PNG", "JPEG"]), tf.constant([-1, -1, 300, 20], tf.int64),
         tf.constant([-1, -1, 400, 30], tf.int64), max_pixels=1000)
     assert [p.decode() for p in problems.numpy()] == [
@@ -145,18 +145,18 @@ def test_header_problems_are_one_line_each():
 
 def test_eval_view_resizes_the_uint8_image_bit_for_bit_as_a_float32_copy():
     data = encode("PNG", 45, 70, seed=3)
-    pixels = tf.cast(preprocessing.decode_image(data), tf.float32)
-    resized = preprocessing.resize_shorter_side(pixels, 36)
-    expected = preprocessing.preprocess_input(preprocessing.center_crop(resized, 32))
-    np.testing.assert_array_equal(preprocessing.preprocess_for_eval(data, 32, 36), expected)
+    pixels = tf.cast(image_ops.decode_image(data), tf.float32)
+    resized = image_ops.resize_shorter_side(pixels, 36)
+    expected = kr.preprocess_input(image_ops.center_crop(resized, 32))
+    np.testing.assert_array_equal(image_ops.preprocess_for_eval(data, 32, 36), expected)
 
 
 def test_preprocess_for_eval_refuses_images_over_max_pixels_before_decoding():
     data = encode("PNG", 40, 40)
-    assert preprocessing.preprocess_for_eval(data, 16, 16, max_pixels=1600).shape == (16, 16, 3)
+    assert image_ops.preprocess_for_eval(data, 16, 16, max_pixels=1600).shape == (16, 16, 3)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="40x40 pixels is over the 1000-pixel limit"):
-        preprocessing.preprocess_for_eval(data, 16, 16, max_pixels=SMALL_LIMIT)
+        image_ops.preprocess_for_eval(data, 16, 16, max_pixels=SMALL_LIMIT)
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_bad_images_fail_alone_and_the_rest_are_classified(served):
     ]
     valid = outputs["valid"]
     assert valid.tolist() == [True, False, False, True, False, True, False, True, True]
-    images = np.stack([preprocessing.preprocess_for_eval(d, IMAGE_SIZE, IMAGE_SIZE)
+    images = np.stack([image_ops.preprocess_for_eval(d, IMAGE_SIZE, IMAGE_SIZE)
                        for d in good])
     expected = model(images, training=False).numpy()  # a softmax head
     np.testing.assert_allclose(outputs["probabilities"][valid], expected, atol=2e-6)

@@ -59,8 +59,8 @@ with _each_stderr_line_once():
     import keras_resnext as kr  # before TensorFlow, see keras_resnext/__init__
     import pipelines
     from keras_resnext import training
+    from keras_resnext.applications import eval_transform
     from keras_resnext.export import export_saved_model
-    from keras_resnext.models import cifar_stage_depths
     from keras_resnext.weights import load_weights
 
 FLAGS = flags.FLAGS
@@ -78,7 +78,7 @@ NETWORK_PROBE_SECONDS = 5
 def define_flags(family):
     """Define the training flags with `family`'s ("imagenet"/"cifar") defaults."""
     recipe = training.RECIPES[family]
-    eval_transform = kr.presets.EVAL_TRANSFORMS[family]
+    default_image_size, _ = eval_transform(family)
     family_presets = sorted(n for n, p in kr.PRESETS.items() if p["family"] == family)
     flags.DEFINE_string(
         "model", None,
@@ -112,7 +112,7 @@ def define_flags(family):
     flags.DEFINE_boolean("nesterov", recipe.nesterov, "Nesterov momentum, as the official code.")
     flags.DEFINE_float("weight_decay", recipe.weight_decay,
                        "Coupled L2 added to every parameter's gradient.", lower_bound=0)
-    flags.DEFINE_integer("image_size", eval_transform["image_size"],
+    flags.DEFINE_integer("image_size", default_image_size,
                          "Training and evaluation crop size.", lower_bound=8)
     flags.DEFINE_integer(
         "resize_size", None,
@@ -345,12 +345,11 @@ def _print_run(run, config, train_info, val_info, strategy):
 
 
 def _eval_resize_size(run, preprocessing):
-    # CIFAR-style evaluation takes the image as it is: no resize before the crop.
-    if preprocessing == "cifar":
-        return run.image_size
-    if run.resize_size is not None:
+    _, resize_size = eval_transform(preprocessing, run.image_size)
+    # --resize_size is for ImageNet-style views; CIFAR-style ones take the image as it is.
+    if run.resize_size is not None and preprocessing != "cifar":
         return run.resize_size
-    return pipelines.default_resize_size(run.image_size)
+    return resize_size
 
 
 def _describe(run, split):
@@ -400,19 +399,13 @@ def _architecture(run):
                     f"--model {name} has {key} {preset[key]}; --{key} {value} contradicts it.")
         return (lambda **arguments: kr.build(name, **arguments)), architecture
     default = kr.PRESETS[DEFAULT_PRESETS[run.family]]
-    architecture = dict(depth=architecture.get("depth", default["depth"]),
-                        cardinality=architecture.get("cardinality", default["cardinality"]),
-                        width=architecture.get("width", default["width"]))
-    if run.family == "cifar":
-        with _as_user_errors():
-            cifar_stage_depths(architecture["depth"])
-        return kr.ResNeXt29, architecture
-    builders = {50: kr.ResNeXt50, 101: kr.ResNeXt101, 152: kr.ResNeXt152}
-    if architecture["depth"] not in builders:
-        raise training.UserError(
-            f"--depth must be 50, 101 or 152 for ImageNet networks; got {architecture['depth']}.")
-    builder = builders[architecture.pop("depth")]
-    return builder, architecture
+    depth = architecture.pop("depth", default["depth"])
+    try:
+        builder = kr.applications.builder(run.family, depth)
+    except ValueError as error:
+        raise training.UserError(f"--depth {depth}: {error}") from None
+    return builder, dict(cardinality=architecture.get("cardinality", default["cardinality"]),
+                         width=architecture.get("width", default["width"]))
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,10 @@
 call on the TensorFlow backend: the grouped convolution, the fused batch norm,
 the inference fusions, and the AVX2 op's gradient with its registration.
 `avx2/` compiles, verifies, caches and loads the AVX2 op's library and knows
-nothing else. Nothing here imports Keras or anything above it in
-keras_resnext, and TensorFlow is imported inside the functions, so importing
-the package works where TensorFlow isn't installed.
+nothing else. `images` decodes images and takes the eval view (§4) with
+TensorFlow's image ops, for the pipelines and serving. Nothing here imports
+Keras layers or anything above it in keras_resnext. `tf_ops` and `avx2`
+import TensorFlow inside their functions, so the layers can import them where
+TensorFlow isn't installed; `images` imports it at load, and only TensorFlow
+code imports it.
 """

@@ -1,0 +1,176 @@
+"""The family as Keras applications: the paper's builders with `weights=`,
+named presets as data, `build(name, **overrides)` and the eval transform."""
+
+from keras_resnext.models import IMAGENET_STAGE_DEPTHS, ResNeXt, cifar_stage_depths, default_name
+from keras_resnext.weights import load_weights
+
+# Each preset fixes the architecture. `num_params` counts trainable parameters
+# (torchvision's `num_params`, the paper's "# params"); `gflops` counts
+# multiply-adds at the eval size (Table 1, torchvision's `_ops`); a preset is
+# evaluated with its family's `eval_transform` (§4).
+PRESETS = {
+    "resnet50": dict(family="imagenet", depth=50, cardinality=1, width=64,
+                     num_params=25_557_032, gflops=4.09),
+    "resnet101": dict(family="imagenet", depth=101, cardinality=1, width=64,
+                      num_params=44_549_160, gflops=7.80),
+    "resnet152": dict(family="imagenet", depth=152, cardinality=1, width=64,
+                      num_params=60_192_808, gflops=11.51),
+    "resnext50_32x4d": dict(family="imagenet", depth=50, cardinality=32, width=4,
+                            num_params=25_028_904, gflops=4.23),
+    "resnext101_32x4d": dict(family="imagenet", depth=101, cardinality=32, width=4,
+                             num_params=44_177_704, gflops=7.97),
+    "resnext101_32x8d": dict(family="imagenet", depth=101, cardinality=32, width=8,
+                             num_params=88_791_336, gflops=16.41),
+    "resnext101_64x4d": dict(family="imagenet", depth=101, cardinality=64, width=4,
+                             num_params=83_455_272, gflops=15.46),
+    "resnext152_32x4d": dict(family="imagenet", depth=152, cardinality=32, width=4,
+                             num_params=59_951_400, gflops=11.71),
+    "resnext29_8x64d": dict(family="cifar", depth=29, cardinality=8, width=64,
+                            num_params=34_426_698, gflops=5.39),
+    "resnext29_16x64d": dict(family="cifar", depth=29, cardinality=16, width=64,
+                             num_params=68_155_210, gflops=10.69),
+}
+
+# The eval view at each family's reference size: §4 resizes the shorter side
+# to 256 and takes the centre 224x224; CIFAR (§5.3) takes the image as it is.
+EVAL_TRANSFORMS = {
+    "imagenet": dict(image_size=224, resize_size=256),
+    "cifar": dict(image_size=32, resize_size=32),
+}
+
+ARCHITECTURE_KEYS = ("depth", "cardinality", "width")
+
+
+def eval_transform(family_or_model, image_size=None):
+    """`(image_size, resize_size)` of the eval view: resize the shorter side to
+    `resize_size`, then take the centre `image_size` square.
+
+    `family_or_model` is "imagenet" or "cifar", or a model: its `stem` names
+    its family (ImageNet-style without one) and its square input is the
+    default `image_size`. Other sizes keep the family's proportion: 256 for
+    224 (73 for 64); CIFAR-style views resize to `image_size` itself, so the
+    crop removes nothing.
+    """
+    if isinstance(family_or_model, str):
+        family = _require_family(family_or_model)
+        if image_size is None:
+            image_size = EVAL_TRANSFORMS[family]["image_size"]
+    else:
+        family = getattr(family_or_model, "stem", "imagenet")
+        if image_size is None:
+            image_size = _square_input_size(family_or_model)
+    reference = EVAL_TRANSFORMS[family]
+    return image_size, round(image_size * reference["resize_size"] / reference["image_size"])
+
+
+def _square_input_size(model):
+    height, width = tuple(model.inputs[0].shape[1:3])
+    if height is None or height != width:
+        raise ValueError(
+            f"Cannot infer the eval image size from the model's input shape "
+            f"{tuple(model.inputs[0].shape)}; pass image_size."
+        )
+    return int(height)
+
+
+def _require_family(family):
+    if family not in EVAL_TRANSFORMS:
+        raise ValueError(f"Unknown family {family!r}; use one of {', '.join(EVAL_TRANSFORMS)}.")
+    return family
+
+
+def builder(family, depth):
+    """The builder of a `family` network of `depth`: ResNeXt50/101/152 for
+    ImageNet; for CIFAR, ResNeXt29 with `depth` (any 9n + 2) fixed."""
+    if _require_family(family) == "cifar":
+        cifar_stage_depths(depth)  # a depth that isn't 9n + 2 fails here, before building
+        return lambda **arguments: ResNeXt29(depth=depth, **arguments)
+    builders = {50: ResNeXt50, 101: ResNeXt101, 152: ResNeXt152}
+    if depth not in builders:
+        raise ValueError(f"ImageNet ResNeXt depth must be 50, 101 or 152; got {depth!r}.")
+    return builders[depth]
+
+
+def build(name, **overrides):
+    """Build a preset by name, e.g. `build("resnext50_32x4d", classes=10)`.
+
+    Any builder argument may be overridden except the architecture that the
+    name fixes (`depth`, `cardinality`, `width`); contradicting it raises.
+    """
+    if name not in PRESETS:
+        raise ValueError(
+            f"Unknown preset {name!r}. Known presets: {', '.join(sorted(PRESETS))}."
+        )
+    preset = PRESETS[name]
+    for key in ARCHITECTURE_KEYS:
+        if key in overrides and overrides[key] != preset[key]:
+            raise ValueError(
+                f"Preset {name!r} has {key}={preset[key]}; got {key}={overrides[key]!r}. "
+                f"Use the builder (e.g. keras_resnext.ResNeXt50) for other architectures."
+            )
+        overrides.pop(key, None)
+    overrides.setdefault("name", name)
+    return builder(preset["family"], preset["depth"])(
+        cardinality=preset["cardinality"], width=preset["width"], **overrides
+    )
+
+
+def _build(stage_depths, stem, default, weights, arguments):
+    name = arguments.pop("name") or default
+    model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, input_shape,
+              pooling, classes, classifier_activation, block_form, name):
+    arguments = dict(
+        cardinality=cardinality, width=width, include_top=include_top,
+        input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation,
+        block_form=block_form, name=name,
+    )
+    return _build(IMAGENET_STAGE_DEPTHS[depth], "imagenet",
+                  default_name(depth, cardinality, width), weights, arguments)
+
+
+def ResNeXt50(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
+              input_shape=None, pooling=None, classes=1000,
+              classifier_activation="softmax", block_form="c", name=None):
+    """ResNeXt-50 (C x d), Table 1. `cardinality=1, width=64` is ResNet-50."""
+    return _imagenet(50, cardinality, width, include_top, weights, input_tensor,
+                     input_shape, pooling, classes, classifier_activation, block_form, name)
+
+
+def ResNeXt101(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
+               input_shape=None, pooling=None, classes=1000,
+               classifier_activation="softmax", block_form="c", name=None):
+    """ResNeXt-101 (C x d). `cardinality=1, width=64` is ResNet-101."""
+    return _imagenet(101, cardinality, width, include_top, weights, input_tensor,
+                     input_shape, pooling, classes, classifier_activation, block_form, name)
+
+
+def ResNeXt152(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
+               input_shape=None, pooling=None, classes=1000,
+               classifier_activation="softmax", block_form="c", name=None):
+    """ResNeXt-152 (C x d). `cardinality=1, width=64` is ResNet-152."""
+    return _imagenet(152, cardinality, width, include_top, weights, input_tensor,
+                     input_shape, pooling, classes, classifier_activation, block_form, name)
+
+
+def ResNeXt29(cardinality=8, width=64, classes=10, depth=29, include_top=True, weights=None,
+              input_tensor=None, input_shape=None, pooling=None,
+              classifier_activation="softmax", block_form="c", name=None):
+    """The CIFAR ResNeXt of §5.3: 3x3 stem, 3 stages of (depth - 2) / 9 blocks.
+
+    `depth=11` gives one block per stage for quick runs.
+    """
+    arguments = dict(
+        cardinality=cardinality, width=width, include_top=include_top,
+        input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
+        classes=classes, classifier_activation=classifier_activation,
+        block_form=block_form, name=name,
+    )
+    return _build(cifar_stage_depths(depth), "cifar",
+                  f"resnext{depth}_{cardinality}x{width}d", weights, arguments)
