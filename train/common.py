@@ -1,5 +1,6 @@
-"""What `train/imagenet.py` and `train/cifar.py` share: flags, the flags ->
-run description step, and the run itself (data, model, training, export).
+"""What `train/imagenet.py` and `train/cifar.py` share: the flags (declared
+in `train/options.py`), the flags -> `Run` step, and the run itself (data,
+model, training, export).
 
 The library does the work: `pipelines` reads data, `keras_resnext.training`
 trains, `keras_resnext.export` writes SavedModels.
@@ -73,7 +74,6 @@ TFDS_DOWNLOAD_HOSTS = {"imagenette": "s3.amazonaws.com", "cifar10": "www.cs.toro
 TFDS_FALLBACK_HOST = "storage.googleapis.com"
 NETWORK_PROBE_SECONDS = 5
 
-
 _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
            "float": flags.DEFINE_float, "boolean": flags.DEFINE_boolean,
            "enum": flags.DEFINE_enum}
@@ -82,6 +82,8 @@ _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
 def define_flags(family):
     """Define the training flags (`options.OPTIONS`) with `family`'s
     ("imagenet"/"cifar") defaults."""
+    # Defined from this module, so that absl files them under train.common,
+    # whose key flags train/<family>.py adopts for --helpshort.
     for option in options.OPTIONS:
         _DEFINE[option.kind](**option.flag_arguments(family))
 

@@ -92,10 +92,10 @@ def make_average_local_state(strategy, variables):
 
     def replica_fn():
         context = tf.distribute.get_replica_context()
-        values = [tf.identity(tf_variable(v)) for v in variables]
+        values = [tf.identity(_tf_variable(v)) for v in variables]
         means = context.all_reduce(tf.distribute.ReduceOp.MEAN, values)
         for variable, mean in zip(variables, means):
-            tf_variable(variable).assign(mean)
+            _tf_variable(variable).assign(mean)
 
     @tf.function
     def average():
@@ -104,7 +104,7 @@ def make_average_local_state(strategy, variables):
     return average
 
 
-def tf_variable(variable):
+def _tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
@@ -114,10 +114,12 @@ def copy_per_device(strategy, targets, sources):
         return target.assign(tf.cast(source, target.dtype))
 
     for target, source in zip(targets, sources):
-        strategy.extended.update(tf_variable(target), assign, args=(tf_variable(source),))
+        strategy.extended.update(_tf_variable(target), assign, args=(_tf_variable(source),))
 
 
 def distribute_split(strategy, split, batch_size, repeat):
+    """`split` (an `InputSplit`) as a distributed dataset of global batches
+    of `batch_size`, each worker reading its own shard; endless if `repeat`."""
     num_replicas = strategy.num_replicas_in_sync
     if batch_size % num_replicas:
         raise UserError(

@@ -10,11 +10,6 @@ class TrainingDiverged(UserError):
     """The loss stopped being finite."""
 
 
-def check(condition, message):
-    if not condition:
-        raise UserError(message)
-
-
 def first_line(error):
     """The first line of `error`'s message, or its type's name if it has none."""
     text = str(error).strip()

@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from keras_resnext.training.distribute import copy_per_device
-from keras_resnext.training.errors import check
+from keras_resnext.training.errors import UserError
 
 LR_SCHEDULES = ("step", "cosine")
 MIXED_PRECISION_POLICIES = {
@@ -78,28 +78,33 @@ class TrainConfig:
     progress_seconds: float = 30.0
 
     def __post_init__(self):
-        check(self.epochs >= 1, f"epochs must be at least 1; got {self.epochs}.")
-        check(self.batch_size >= 1, f"batch_size must be at least 1; got {self.batch_size}.")
-        check(self.learning_rate > 0, f"learning rate must be positive; got {self.learning_rate}.")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}.")
-        check(0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum}.")
-        check(self.lr_schedule in LR_SCHEDULES,
+        _check(self.epochs >= 1, f"epochs must be at least 1; got {self.epochs}.")
+        _check(self.batch_size >= 1, f"batch_size must be at least 1; got {self.batch_size}.")
+        _check(self.learning_rate > 0, f"learning rate must be positive; got {self.learning_rate}.")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}.")
+        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum}.")
+        _check(self.lr_schedule in LR_SCHEDULES,
                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}.")
-        check(0 <= self.warmup_epochs < self.epochs,
+        _check(0 <= self.warmup_epochs < self.epochs,
                f"warmup_epochs must be in [0, epochs={self.epochs}); got {self.warmup_epochs}.")
-        check(0 <= self.label_smoothing < 1,
+        _check(0 <= self.label_smoothing < 1,
                f"label_smoothing must be in [0, 1); got {self.label_smoothing}.")
-        check(self.mixed_precision in MIXED_PRECISION_POLICIES,
+        _check(self.mixed_precision in MIXED_PRECISION_POLICIES,
                f"mixed_precision must be one of {', '.join(MIXED_PRECISION_POLICIES)}; "
                f"got {self.mixed_precision!r}.")
-        check(self.ema_decay is None or 0 < self.ema_decay < 1,
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1,
                f"ema_decay must be in (0, 1); got {self.ema_decay}.")
-        check(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+        _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1,
                f"steps_per_epoch must be at least 1; got {self.steps_per_epoch}.")
-        check(self.steps_per_loop >= 1, f"steps_per_loop must be at least 1; got {self.steps_per_loop}.")
-        check(self.validation_freq >= 0, f"validation_freq must be >= 0; got {self.validation_freq}.")
-        check(self.progress_seconds >= 0,
+        _check(self.steps_per_loop >= 1, f"steps_per_loop must be at least 1; got {self.steps_per_loop}.")
+        _check(self.validation_freq >= 0, f"validation_freq must be >= 0; got {self.validation_freq}.")
+        _check(self.progress_seconds >= 0,
                f"progress_seconds must be >= 0; got {self.progress_seconds}.")
+
+
+def _check(condition, message):
+    if not condition:
+        raise UserError(message)
 
 
 def config_from_recipe(recipe, model_dir, **overrides):

@@ -1,7 +1,7 @@
 """What a run keeps in its model_dir besides checkpoints: the lock, the CSV
 log, metrics.json, TensorBoard summaries and the record of its export.
 
-Files are written whole (`write_atomically`), so a kill leaves the old
+Files are written whole (`_write_atomically`), so a kill leaves the old
 version or the new one, and a later run removes the `*.tmp-PID` rest.
 """
 
@@ -32,14 +32,14 @@ LOCK_NAME = ".lock"
 EXPORT_RECORD_NAME = "export.json"
 
 
-def write_atomically(path, text):
+def _write_atomically(path, text):
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(temporary, path)
 
 
-def read_metrics(model_dir):
+def _read_metrics(model_dir):
     try:
         with open(os.path.join(model_dir, METRICS_NAME), encoding="utf-8") as f:
             return json.load(f)
@@ -48,7 +48,7 @@ def read_metrics(model_dir):
 
 
 def write_metrics(model_dir, metrics):
-    write_atomically(os.path.join(model_dir, METRICS_NAME),
+    _write_atomically(os.path.join(model_dir, METRICS_NAME),
                       json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
@@ -76,7 +76,7 @@ def export_once(model_dir, export_dir, epochs_completed, export):
                 and os.path.isdir(record.get("path", ""))):
             return record["path"], False
         path = export()
-        write_atomically(record_path, json.dumps(dict(
+        _write_atomically(record_path, json.dumps(dict(
             export_dir=os.path.realpath(export_dir), path=path,
             epochs_completed=epochs_completed), indent=2) + "\n")
         return path, True
@@ -109,7 +109,7 @@ def truncate_csv_log(path, completed_epochs):
     buffer = [",".join(CSV_COLUMNS)]
     for row in rows:
         buffer.append(",".join(row.get(column, "") for column in CSV_COLUMNS))
-    write_atomically(path, "\n".join(buffer) + "\n")
+    _write_atomically(path, "\n".join(buffer) + "\n")
 
 
 def append_csv_row(path, row):
@@ -203,7 +203,7 @@ def lock_for_run(model_dir, strategy):
 def previous_training_figures(model_dir, csv_path):
     """A rerun's training figures: metrics.json's, or if a kill came before
     it was written, the last CSV row's."""
-    previous = read_metrics(model_dir)
+    previous = _read_metrics(model_dir)
     if previous.get("train_loss") is not None or not os.path.exists(csv_path):
         return previous
     with open(csv_path, newline="", encoding="utf-8") as f:

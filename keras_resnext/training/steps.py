@@ -179,7 +179,9 @@ class Throughput:
 
 
 def train_epoch(train_loop, iterator, steps_per_epoch, config, epoch, chief,
-                 checkpoint_dir, throughput, train_split):
+                checkpoint_dir, throughput, train_split):
+    """Run one epoch's `steps_per_epoch` steps, `config.steps_per_loop` per
+    call of `train_loop`; returns its mean loss and top-1."""
     interactive = sys.stdout.isatty()
     verbose = (1 if interactive else 2) if chief else 0
     progbar = keras.utils.Progbar(steps_per_epoch, verbose=verbose,
@@ -206,7 +208,7 @@ def train_epoch(train_loop, iterator, steps_per_epoch, config, epoch, chief,
         step += num_steps
         if not np.isfinite(sums[0]):
             raise diverged(f"the loss is {sums[0]} at epoch {epoch + 1}, step {step}",
-                            checkpoint_dir)
+                           checkpoint_dir)
         progbar.update(step, [("loss", totals[0] / totals[2]), ("top1", totals[1] / totals[2])])
         if progress:
             progress.update(step, totals)
