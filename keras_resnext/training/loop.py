@@ -87,6 +87,7 @@ class _TrainingRun:
         self.train_split, self.val_split = train_split, val_split
         self.config, self.strategy = config, strategy
         self.chief, task_id, self.num_workers = worker_info(strategy)
+        self.log = log  # every worker's
         self.say = log if self.chief else (lambda *args, **kwargs: None)
         if config.seed is not None:
             keras.utils.set_random_seed(config.seed)
@@ -175,7 +176,7 @@ class _TrainingRun:
                              repeat=False))
         self.last_train, self.final, iterator = {}, None, None
         for epoch in range(self.start_epoch, config.epochs):
-            self.say(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
+            self.log(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
             learning_rate = float(self.optimizer.learning_rate.numpy())
             # An epoch that is a pass (the default) starts its own, so a resumed
             # run repeats the uninterrupted one. Shorter --steps_per_epoch epochs
