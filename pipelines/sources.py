@@ -34,7 +34,7 @@ import tensorflow as tf
 from keras_resnext.kernels.images import decode_image
 from keras_resnext.preprocessing import imagenet_classes
 
-__all__ = ["SPLITS", "SplitInfo", "describe_source", "open_source"]
+__all__ = ["SPLITS", "SplitInfo", "describe_source", "open_source", "parse_source"]
 
 SPLITS = ("train", "val")
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -83,7 +83,7 @@ def open_source(source, *, data_dir=None, manual_dir=None,
     `data_dir` and `manual_dir` go to TFDS. TFRecord labels are shifted down by
     `tfrecord_label_offset` and must then lie in `[0, tfrecord_num_classes)`.
     """
-    kind, _, location = source.partition(":")
+    kind, location = parse_source(source)
     if kind == "folder":
         return FolderSource(source, location)
     if kind == "tfrecord":
@@ -91,14 +91,22 @@ def open_source(source, *, data_dir=None, manual_dir=None,
             source, location, label_offset=tfrecord_label_offset,
             num_classes=tfrecord_num_classes,
         )
-    if kind == "tfds":
-        return TFDSSource(source, location, data_dir=data_dir, manual_dir=manual_dir)
+    return TFDSSource(source, location, data_dir=data_dir, manual_dir=manual_dir)
+
+
+def parse_source(source):
+    """`(kind, location)` of a source string: `("folder", ROOT)`,
+    `("tfrecord", PATTERN)` or `("tfds", NAME)`; raises ValueError for an
+    unknown kind."""
+    kind, _, location = source.partition(":")
+    if kind in ("folder", "tfrecord", "tfds"):
+        return kind, location
     if location and not location[0].isdigit():  # TFDS names may end in :VERSION.
         raise ValueError(
             f"Unknown source kind {kind!r} in {source!r}; use a TFDS name, "
             "tfds:NAME, folder:ROOT or tfrecord:PATTERN."
         )
-    return TFDSSource(source, source, data_dir=data_dir, manual_dir=manual_dir)
+    return "tfds", source
 
 
 def _check_split(split):

@@ -1,12 +1,12 @@
-"""What `train/imagenet.py` and `train/cifar.py` share: flags, the flags ->
-run description step, and the run itself (data, model, training, export).
+"""What `train/imagenet.py` and `train/cifar.py` share: the flags (declared
+in `train/options.py`), the flags -> `Run` step, and the run itself (data,
+model, training, export).
 
 The library does the work: `pipelines` reads data, `keras_resnext.training`
 trains, `keras_resnext.export` writes SavedModels.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -62,11 +62,11 @@ with _each_stderr_line_once():
     from keras_resnext.applications import eval_transform
     from keras_resnext.export import export_saved_model
     from keras_resnext.weights import load_weights
+    from train import options
+    from train.options import DEFAULT_PRESETS
 
 FLAGS = flags.FLAGS
 
-DEFAULT_DATASETS = {"imagenet": "imagenette/160px-v2", "cifar": "cifar10"}
-DEFAULT_PRESETS = {"imagenet": "resnext50_32x4d", "cifar": "resnext29_8x64d"}
 # Where TFDS downloads these datasets from, to test for a network quickly
 # instead of waiting out TFDS' download retries.
 TFDS_DOWNLOAD_HOSTS = {"imagenette": "s3.amazonaws.com", "cifar10": "www.cs.toronto.edu",
@@ -74,138 +74,26 @@ TFDS_DOWNLOAD_HOSTS = {"imagenette": "s3.amazonaws.com", "cifar10": "www.cs.toro
 TFDS_FALLBACK_HOST = "storage.googleapis.com"
 NETWORK_PROBE_SECONDS = 5
 
+_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "boolean": flags.DEFINE_boolean,
+           "enum": flags.DEFINE_enum}
+
 
 def define_flags(family):
-    """Define the training flags with `family`'s ("imagenet"/"cifar") defaults."""
-    recipe = training.RECIPES[family]
-    default_image_size, _ = eval_transform(family)
-    family_presets = sorted(n for n, p in kr.PRESETS.items() if p["family"] == family)
-    flags.DEFINE_string(
-        "model", None,
-        f"A preset ({', '.join(family_presets)}, or any of keras_resnext.PRESETS). Default "
-        f"{DEFAULT_PRESETS[family]} unless --depth/--cardinality/--width are given.")
-    flags.DEFINE_integer("depth", None, "Network depth (50/101/152; CIFAR 9n+2).", lower_bound=11)
-    flags.DEFINE_integer("cardinality", None, "C, the number of paths per block.", lower_bound=1)
-    flags.DEFINE_integer("width", None, "d, the bottleneck width of each path.", lower_bound=1)
-    flags.DEFINE_string(
-        "dataset", DEFAULT_DATASETS[family],
-        "A TFDS name (or tfds:NAME), folder:ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*) "
-        "or tfrecord:PATTERN ({split} in the glob).")
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-    flags.DEFINE_string("manual_dir", None, "TFDS manual download directory (imagenet2012 tars).")
-    flags.DEFINE_enum("preprocessing", None, ["imagenet", "cifar"],
-                      "Input views; default chosen by the dataset (cifar for 32x32 images).")
-    flags.DEFINE_integer("tfrecord_label_offset", 1, "Subtracted from TFRecord labels.")
-    flags.DEFINE_integer("tfrecord_num_classes", 1000, "Classes of a tfrecord: dataset.",
-                         lower_bound=1)
-    flags.DEFINE_string("model_dir", None, "Checkpoints, logs, CSV and metrics.json go here; "
-                        "rerunning the same command resumes from it.")
-    flags.DEFINE_integer("batch_size", recipe.batch_size,
-                         "Global batch size, split across all replicas.", lower_bound=1)
-    flags.DEFINE_integer("epochs", recipe.epochs, "Training epochs.", lower_bound=1)
-    flags.DEFINE_float(
-        "lr", recipe.learning_rate,
-        f"Learning rate for a global batch of {recipe.reference_batch_size}; scaled linearly "
-        "with --batch_size.", lower_bound=0)
-    flags.DEFINE_float("momentum", recipe.momentum, "SGD momentum.", lower_bound=0,
-                       upper_bound=0.999)
-    flags.DEFINE_boolean("nesterov", recipe.nesterov, "Nesterov momentum, as the official code.")
-    flags.DEFINE_float("weight_decay", recipe.weight_decay,
-                       "Coupled L2 added to every parameter's gradient.", lower_bound=0)
-    flags.DEFINE_integer("image_size", default_image_size,
-                         "Training and evaluation crop size.", lower_bound=8)
-    flags.DEFINE_integer(
-        "resize_size", None,
-        "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
-        "Default 256/224 of --image_size.", lower_bound=8)
-    flags.DEFINE_float("warmup_epochs", 0.0, "Linear learning-rate warmup (large batches).",
-                       lower_bound=0)
-    flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing.", lower_bound=0, upper_bound=0.99)
-    flags.DEFINE_enum("mixed_precision", "none", list(training.MIXED_PRECISION_POLICIES),
-                      "Compute dtype: float16 (with loss scaling) or bfloat16.")
-    flags.DEFINE_enum("strategy", "default", list(training.STRATEGIES),
-                      "tf.distribute strategy; multi_worker reads TF_CONFIG.")
-    flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy tpu.")
-    flags.DEFINE_string("weights", None, "Initial weights (.weights.h5, torchvision .pth, "
-                        ".safetensors, or a training checkpoint: a model_dir, its checkpoints "
-                        "folder or a ckpt-N), e.g. for fine-tuning; a weights file's classifier "
-                        "of another size starts fresh. A checkpoint in --model_dir takes "
-                        "precedence.")
-    flags.DEFINE_string("export_dir", None, "At the end, export a TF Serving SavedModel to "
-                        "EXPORT_DIR/<version>.")
-    flags.DEFINE_integer("steps_per_epoch", None, "Default: training examples // batch size.",
-                         lower_bound=1)
-    flags.DEFINE_integer("steps_per_loop", 1, "Training steps per tf.function call (higher "
-                         "for TPUs).", lower_bound=1)
-    flags.DEFINE_integer("validation_freq", 1, "Evaluate every N epochs (0: only at the end).",
-                         lower_bound=0)
-    flags.DEFINE_integer("seed", None, "Random seed.")
-    flags.DEFINE_boolean("deterministic", False, "Reproducible input order and augmentation.")
-    flags.DEFINE_enum("lr_schedule", "step", list(training.LR_SCHEDULES),
-                      "step: /10 at the recipe's epochs (§4); cosine: cosine decay.")
-    flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights "
-                       "with this decay (e.g. 0.9999) and evaluate/export it.",
-                       lower_bound=0, upper_bound=0.999999)
-    flags.DEFINE_boolean(
-        "eval_only", False, "Evaluate on the val split (top-1/top-5): --weights (a weights file "
-        "or a checkpoint folder), else the latest checkpoint in --model_dir.")
-    flags.DEFINE_float(
-        "progress_seconds", training.TrainConfig.progress_seconds,
-        "When the output is not a terminal (a file, a CI log), print a progress line (step, "
-        "images/s, loss) this often within an epoch.", lower_bound=0)
+    """Define the training flags (`options.OPTIONS`) with `family`'s
+    ("imagenet"/"cifar") defaults."""
+    # Defined from this module, so that absl files them under train.common,
+    # whose key flags train/<family>.py adopts for --helpshort.
+    for option in options.OPTIONS:
+        _DEFINE[option.kind](**option.flag_arguments(family))
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One invocation of a training CLI, from its flags."""
-
-    family: str
-    dataset: str
-    model: str = None
-    depth: int = None
-    cardinality: int = None
-    width: int = None
-    data_dir: str = None
-    manual_dir: str = None
-    preprocessing: str = None
-    tfrecord_label_offset: int = 1
-    tfrecord_num_classes: int = 1000
-    model_dir: str = None
-    image_size: int = 224
-    resize_size: int = None
-    strategy: str = "default"
-    tpu: str = None
-    weights: str = None
-    export_dir: str = None
-    eval_only: bool = False
-    deterministic: bool = False
-    seed: int = None
-    batch_size: int = 256
-    training_overrides: dict = dataclasses.field(default_factory=dict)
+Run = options.Run
 
 
 def run_from_flags(family):
     """The `Run` the parsed flags describe."""
-    training_overrides = dict(
-        epochs=FLAGS.epochs, base_learning_rate=FLAGS.lr, momentum=FLAGS.momentum,
-        nesterov=FLAGS.nesterov, weight_decay=FLAGS.weight_decay,
-        warmup_epochs=FLAGS.warmup_epochs, label_smoothing=FLAGS.label_smoothing,
-        mixed_precision=FLAGS.mixed_precision, lr_schedule=FLAGS.lr_schedule,
-        ema_decay=FLAGS.ema_decay, steps_per_epoch=FLAGS.steps_per_epoch,
-        steps_per_loop=FLAGS.steps_per_loop, validation_freq=FLAGS.validation_freq,
-        seed=FLAGS.seed, progress_seconds=FLAGS.progress_seconds,
-    )
-    return Run(
-        family=family, dataset=FLAGS.dataset, model=FLAGS.model, depth=FLAGS.depth,
-        cardinality=FLAGS.cardinality, width=FLAGS.width, data_dir=FLAGS.data_dir,
-        manual_dir=FLAGS.manual_dir, preprocessing=FLAGS.preprocessing,
-        tfrecord_label_offset=FLAGS.tfrecord_label_offset,
-        tfrecord_num_classes=FLAGS.tfrecord_num_classes, model_dir=FLAGS.model_dir,
-        image_size=FLAGS.image_size, resize_size=FLAGS.resize_size, strategy=FLAGS.strategy,
-        tpu=FLAGS.tpu, weights=FLAGS.weights, export_dir=FLAGS.export_dir,
-        eval_only=FLAGS.eval_only, deterministic=FLAGS.deterministic, seed=FLAGS.seed,
-        batch_size=FLAGS.batch_size, training_overrides=training_overrides,
-    )
+    return options.run_from(family, FLAGS)
 
 
 # --------------------------------------------------------------------------
@@ -266,8 +154,8 @@ def _execute(run):
                 _load_initial_weights(model, run.weights)
         return model
 
-    val_split = training.Split(_dataset_fn(run, "val", preprocessing, resize_size),
-                               val_info.num_examples, source=run.dataset)
+    val_split = training.InputSplit(_dataset_fn(run, "val", preprocessing, resize_size),
+                                    val_info.num_examples, source=run.dataset)
     if run.eval_only:
         with strategy.scope():
             with _as_user_errors():
@@ -282,10 +170,9 @@ def _execute(run):
             with open(os.path.join(run.model_dir, "eval_metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
     else:
-        config = training.config_from_recipe(
-            run.family, run.model_dir, batch_size=run.batch_size, **run.training_overrides)
-        train_split = training.Split(_dataset_fn(run, "train", preprocessing, resize_size),
-                                     train_info.num_examples, source=run.dataset)
+        config = training.config_from_recipe(run.family, run.model_dir, **run.training_overrides)
+        train_split = training.InputSplit(_dataset_fn(run, "train", preprocessing, resize_size),
+                                          train_info.num_examples, source=run.dataset)
         _print_run(run, config, train_info, val_info, strategy)
         result = training.train(model_fn, train_split, val_split, config, strategy)
         metrics, model = result.metrics, result.model
@@ -330,7 +217,7 @@ def _load_weights_to_evaluate(model, run):
         if "classifier" in str(warning.message):
             raise training.UserError(
                 f"--eval_only needs a classifier for the dataset's {model.output_shape[-1]} "
-                f"classes: {_first_line(warning.message)}")
+                f"classes: {training.first_line(warning.message)}")
         warnings.warn_explicit(warning.message, warning.category, warning.filename,
                                warning.lineno)
     return run.weights
@@ -421,23 +308,26 @@ def _as_user_errors():
     except training.UserError:
         raise
     except (ValueError, OSError) as error:
-        raise training.UserError(_first_line(error)) from error
+        raise training.UserError(training.first_line(error)) from error
 
 
 def check_dataset_available(run):
     """Raise at once, naming --dataset, if a TFDS dataset would need a
     download this machine cannot make (instead of TFDS retrying for minutes)."""
-    kind, _, location = run.dataset.partition(":")
-    if kind in ("folder", "tfrecord"):
+    try:
+        kind, name = pipelines.sources.parse_source(run.dataset)
+    except ValueError as error:
+        raise training.UserError(
+            f"--dataset {run.dataset}: {training.first_line(error)}") from None
+    if kind != "tfds":
         return
-    name = location if kind == "tfds" else run.dataset
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=run.data_dir)
     except Exception as error:  # TFDS raises several types for unknown names
         raise training.UserError(
-            f"--dataset {run.dataset}: not a TFDS dataset ({_first_line(error)}); "
+            f"--dataset {run.dataset}: not a TFDS dataset ({training.first_line(error)}); "
             "use a TFDS name, folder:ROOT or tfrecord:PATTERN.") from None
     if builder.is_prepared() or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         return  # prepared, or prepared from --manual_dir without a download
@@ -457,11 +347,6 @@ def _network_reachable(host):
         return True
     except OSError:
         return False
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _parse_flags(argv):
