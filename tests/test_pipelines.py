@@ -17,7 +17,7 @@ import keras_resnext
 import keras_resnext.kernels.images
 import pipelines
 from pipelines import cifar, imagenet
-from pipelines.sources import count_tfrecords
+from pipelines.tfrecords import count_tfrecords
 from tfrecord_files import corrupt_record_data, tf_example, write_tfrecords
 
 import tensorflow as tf  # noqa: E402  After keras_resnext, which sets TF's options.
