@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from timed_workers import Worker, answer_runs, repo_environment
+
 MODELS = ("resnext50_32x4d", "resnet50")
 TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50"}
 
@@ -101,7 +103,7 @@ def torchvision_worker(model_name, mode, batch_size, image_size, precision, devi
 
 
 def serve(args):
-    """Worker loop: build once, warm up, then answer 'run N' with seconds."""
+    """Worker loop: build once, then answer 'run N' with seconds."""
     if args.worker == "ours":
         step, version = ours_worker(args.model, args.mode, args.batch_size, args.image_size,
                                     args.precision, args.device)
@@ -109,51 +111,18 @@ def serve(args):
         device = "cuda" if args.device == "gpu" else "cpu"
         step, version = torchvision_worker(args.model, args.mode, args.batch_size,
                                            args.image_size, args.precision, device)
-    for _ in range(args.warmup):
-        step()
-    print(json.dumps({"ready": version}), flush=True)
-    for line in sys.stdin:
-        steps = int(line.split()[1])
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    answer_runs(step, version, args.warmup)
 
 
-class Worker:
-    def __init__(self, implementation, python, model, mode, args):
-        self.key = (implementation, model, mode)
-        command = [python, os.path.abspath(__file__), "--worker", implementation,
-                   "--model", model, "--mode", mode, "--batch_size", str(args.batch_size),
-                   "--image_size", str(args.image_size), "--precision", args.precision,
-                   "--device", args.device, "--warmup", str(args.warmup)]
-        env = dict(os.environ, KERAS_BACKEND=args.backend)
-        # Several workers share one GPU: JAX must not grab 75% of it up front.
-        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
-        self.version = self._read()["ready"]
-        self.rates = []
-
-    def _read(self):
-        while True:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"benchmark worker {self.key} exited early")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def measure(self, steps, batch_size):
-        self.process.stdin.write(f"run {steps}\n")
-        self.process.stdin.flush()
-        seconds = self._read()["seconds"]
-        self.rates.append(steps * batch_size / seconds)
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
+def start_worker(implementation, python, model, mode, args):
+    command = [python, os.path.abspath(__file__), "--worker", implementation,
+               "--model", model, "--mode", mode, "--batch_size", str(args.batch_size),
+               "--image_size", str(args.image_size), "--precision", args.precision,
+               "--device", args.device, "--warmup", str(args.warmup)]
+    env = repo_environment(KERAS_BACKEND=args.backend)
+    # Several workers share one GPU: JAX must not grab 75% of it up front.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return Worker((implementation, model, mode), command, env)
 
 
 def torchvision_available(python):
@@ -201,7 +170,7 @@ def main():
     results = {}
     for mode in modes:
         # One mode at a time keeps at most four models in memory.
-        workers = [Worker(impl, python, model, mode, args)
+        workers = [start_worker(impl, python, model, mode, args)
                    for impl, python in implementations for model in models]
         for round_index in range(args.repeats):
             # Interleaved rounds, each starting with a different worker, and a

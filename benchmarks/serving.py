@@ -15,12 +15,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from timed_workers import Worker, answer_runs, repo_environment
 
 
 def cpu_model():
@@ -80,54 +79,23 @@ def served_worker(args):
 
 
 def serve(args):
-    """Worker loop: load once, warm up, then answer 'run N' with seconds."""
+    """Worker loop: load once, then answer 'run N' with seconds (the step
+    keeps the loaded SavedModel alive)."""
     step, version = keras_worker(args) if args.worker == "keras" else served_worker(args)
-    # Keep the loaded SavedModel alive with the step that uses it.
-    for _ in range(args.warmup):
-        step()
-    print(json.dumps({"ready": version}), flush=True)
-    for line in sys.stdin:
-        steps = int(line.split()[1])
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+    answer_runs(step, version, args.warmup)
 
 
-class Worker:
-    def __init__(self, label, args, worker, export=None, onednn=None):
-        self.label = label
-        command = [sys.executable, os.path.abspath(__file__), "--worker", worker,
-                   "--model", args.model, "--batch_size", str(args.batch_size),
-                   "--image_size", str(args.image_size), "--warmup", str(args.warmup),
-                   "--workdir", args.workdir]
-        if export:
-            command += ["--export", export]
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-        if onednn is not None:
-            env["TF_ENABLE_ONEDNN_OPTS"] = onednn
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, env=env)
-        self.version = self._read()["ready"]
-        self.rates = []
-
-    def _read(self):
-        while True:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"benchmark worker {self.label!r} exited early")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def measure(self, steps, batch_size):
-        self.process.stdin.write(f"run {steps}\n")
-        self.process.stdin.flush()
-        self.rates.append(steps * batch_size / self._read()["seconds"])
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
+def start_worker(label, args, worker, export=None, onednn=None):
+    command = [sys.executable, os.path.abspath(__file__), "--worker", worker,
+               "--model", args.model, "--batch_size", str(args.batch_size),
+               "--image_size", str(args.image_size), "--warmup", str(args.warmup),
+               "--workdir", args.workdir]
+    if export:
+        command += ["--export", export]
+    env = repo_environment(KERAS_BACKEND="tensorflow")
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    return Worker(label, command, env)
 
 
 def main():
@@ -151,11 +119,11 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         args.workdir = workdir
         # The Keras worker writes both SavedModels before it says it's ready.
-        workers = [Worker("predict_on_batch (anchor)", args, "keras")]
+        workers = [start_worker("predict_on_batch (anchor)", args, "keras")]
         workers += [
-            Worker("served, oneDNN on", args, "served", "portable", "1"),
-            Worker("served, oneDNN off", args, "served", "portable", "0"),
-            Worker("served, oneDNN on, fusable export", args, "served", "onednn_only", "1"),
+            start_worker("served, oneDNN on", args, "served", "portable", "1"),
+            start_worker("served, oneDNN off", args, "served", "portable", "0"),
+            start_worker("served, oneDNN on, fusable export", args, "served", "onednn_only", "1"),
         ]
         for round_index in range(args.repeats):
             shift = round_index % len(workers)
@@ -175,11 +143,11 @@ def main():
         median = statistics.median(worker.rates)
         paired = statistics.median(a / b for a, b in zip(worker.rates, anchor.rates))
         rounds = " ".join(f"{rate:.2f}" for rate in worker.rates)
-        print(f"{worker.label:<36}{median:>8.2f}  {paired:>17.2f}x   {rounds}")
-        results[worker.label] = dict(median=median, paired_over_anchor=paired,
+        print(f"{worker.key:<36}{median:>8.2f}  {paired:>17.2f}x   {rounds}")
+        results[worker.key] = dict(median=median, paired_over_anchor=paired,
                                      rates=worker.rates, version=worker.version)
     for worker in workers:
-        print(f"{worker.label}: {worker.version}")
+        print(f"{worker.key}: {worker.version}")
     fusable, portable = workers[3], workers[1]
     cost = statistics.median(a / b for a, b in zip(fusable.rates, portable.rates))
     print(f"price of the portable export under oneDNN (fusable / portable, paired): {cost:.3f}x")
