@@ -14,6 +14,7 @@ import numpy as np
 
 import keras_resnext  # noqa: F401  (switches oneDNN on before TensorFlow loads)
 import tensorflow as tf
+from machine import print_cpu
 
 # (input size, in channels, out channels, residual add follows)
 SHAPES = [(56, 256, 128, False), (56, 128, 256, True), (28, 512, 256, False),
@@ -37,6 +38,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    print_cpu()
     rng = np.random.default_rng(0)
     totals = {"batch norm": 0.0, "folded": 0.0, "folded in graph": 0.0}
     print(f"batch {args.batch_size}, float32, ms per convolution (best of two medians of "

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from keras_resnext.kernels import avx2, tf_ops
+from machine import print_cpu
 
 # (input size, channels, channels per group, stride) of ResNeXt-50 32x4d's grouped
 # convolutions, then of ResNeXt-101 64x4d's first stage.
@@ -38,6 +39,7 @@ def main():
     parser.add_argument("--pairs", type=int, default=40,
                         help="paired inference batches; training gets a third as many")
     args = parser.parse_args()
+    print_cpu()
     op = avx2.grouped_conv_op()
     if op is None:
         raise SystemExit("The AVX2 op is unavailable here (see the warning above).")

@@ -25,6 +25,7 @@ import sys
 import time
 
 from timed_workers import Worker, answer_runs, repo_environment
+from machine import print_cpu
 
 MODELS = ("resnext50_32x4d", "resnet50")
 TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50"}
@@ -158,6 +159,7 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return serve(args)
+    print_cpu()
 
     models = args.models.split(",")
     modes = args.modes.split(",")

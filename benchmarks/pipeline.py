@@ -29,6 +29,9 @@ import numpy as np
 
 if not __package__:  # run as `python benchmarks/pipeline.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from machine import print_cpu
+else:
+    from benchmarks.machine import print_cpu
 
 GENERATED_IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo.
 GENERATED_CLASSES = 10
@@ -186,6 +189,7 @@ def main(argv=None):
         print(json.dumps({"images_per_second": images_per_second,
                           "cpu_ms_per_image": cpu_ms_per_image}))
         return
+    print_cpu()
     with tempfile.TemporaryDirectory() as scratch:
         if not args.data_dir:
             args.data_dir = scratch

@@ -19,6 +19,7 @@ import numpy as np
 import keras_resnext as kr  # (switches oneDNN on before TensorFlow loads)
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
+from machine import print_cpu
 
 
 def main():
@@ -28,6 +29,7 @@ def main():
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=3)
     args = parser.parse_args()
+    print_cpu()
     tf.config.threading.set_inter_op_parallelism_threads(1)
     size = args.image_size
     model = kr.build(args.preset, input_shape=(size, size, 3))

@@ -13,30 +13,13 @@ oneDNN TensorFlow can run: the price of the export that runs everywhere.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
+from machine import cpu_description
 from timed_workers import Worker, answer_runs, repo_environment
-
-
-def cpu_model():
-    """The CPU's model name, family/model numbers and the vector ISAs that
-    decide TensorFlow's kernels (the model name alone may be just "AMD EPYC")."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    flags = set(fields.get("flags", "").split())
-    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family')} "
-            f"model {fields.get('model')}; {' '.join(isa) or 'no AVX2'})")
 
 
 def keras_worker(args):
@@ -133,7 +116,7 @@ def main():
         for worker in workers:
             worker.close()
 
-    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores")
+    print(f"\nCPU: {cpu_description()}, {os.cpu_count()} cores")
     print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, float32, "
           f"median of {args.repeats} rounds of {args.steps} batches")
     anchor = workers[0]
@@ -153,7 +136,7 @@ def main():
     print(f"price of the portable export under oneDNN (fusable / portable, paired): {cost:.3f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "results": results, "portable_price": cost,
+            json.dump({"cpu": cpu_description(), "results": results, "portable_price": cost,
                        "args": {k: v for k, v in vars(args).items() if k != "workdir"}},
                       f, indent=1)
 
