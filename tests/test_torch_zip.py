@@ -242,7 +242,8 @@ def torchvision_pth(model, path, writer=write_torch_zip):
     """`model`'s weights as a .pth of torchvision's names; every tensor its own storage."""
     state = torchvision_state_dict(model)
     storages = {str(i): value.ravel() for i, value in enumerate(state.values())}
-    tensors = {name: contiguous(str(i), value.shape) for i, (name, value) in enumerate(state.items())}
+    tensors = {name: contiguous(str(i), value.shape)
+               for i, (name, value) in enumerate(state.items())}
     return writer(path, tensors, storages)
 
 
@@ -290,6 +291,7 @@ def test_torchs_files_read_as_torch_load_weights_only(tmp_path, zip_format):
         "double": torch.randn(2, dtype=torch.float64), "ints": torch.arange(4, dtype=torch.int32),
         "transposed": grid.t(), "row": grid[2], "column": grid[:, 1],
         "parameter": torch.nn.Parameter(torch.ones(2)),
+        "empty": torch.zeros(0, 3), "expanded": torch.arange(3.0).expand(2, 3),
     })
     path = tmp_path / "torch.pth"
     torch.save({"state_dict": state, "epoch": 3}, path, _use_new_zipfile_serialization=zip_format)

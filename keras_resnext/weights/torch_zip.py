@@ -141,7 +141,9 @@ def _load_legacy(path):
     with open(path, "rb") as file:
         magic_number = _StateDictUnpickler(file).load()
         if magic_number != _LEGACY_MAGIC_NUMBER:
-            raise ValueError("not a PyTorch checkpoint (neither a zip nor a legacy torch.save stream)")
+            raise ValueError(
+                "not a PyTorch checkpoint (neither a zip nor a legacy torch.save stream)"
+            )
         protocol_version = _StateDictUnpickler(file).load()
         if protocol_version != _LEGACY_PROTOCOL_VERSION:
             raise ValueError(f"unsupported legacy PyTorch format version {protocol_version!r}")
@@ -154,7 +156,9 @@ def _load_legacy(path):
             storage = unpickler.storages[key]
             numel = int.from_bytes(file.read(8), byteorder)
             if numel != storage.numel:
-                raise ValueError(f"storage {key} holds {numel} elements, the pickle says {storage.numel}")
+                raise ValueError(
+                    f"storage {key} holds {numel} elements, the pickle says {storage.numel}"
+                )
             size = numel * _itemsize(storage.dtype)
             storage.values = _storage_values(file.read(size), storage, byteorder)
     return _resolve(result)
