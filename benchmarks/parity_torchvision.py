@@ -11,11 +11,10 @@ compares the logits:
         --models resnext50_32x4d,resnet50,resnext101_32x8d,resnext101_64x4d
 
 `max_abs` is the largest absolute logit difference, `relative` that divided by
-the largest absolute torchvision logit. The .pth rows need torch in this
-interpreter too; without it they are reported as skipped.
+the largest absolute torchvision logit. Only `--torch_python` needs torch:
+this interpreter reads the .pth without it.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -69,18 +68,14 @@ def report(name, source, logits, reference, seconds):
 
 def main(argv):
     del argv
-    torch_here = importlib.util.find_spec("torch") is not None
     for name in _MODELS.value:
         with tempfile.TemporaryDirectory() as out_dir:
             images, reference = torchvision_reference(name, out_dir)
             checkpoint = os.path.join(out_dir, f"{name}.safetensors")
             converted = os.path.join(out_dir, f"{name}.weights.h5")
             convert(checkpoint, converted, name)
-            sources = {"safetensors": checkpoint, "weights.h5": converted}
-            if torch_here:
-                sources["pth"] = os.path.join(out_dir, f"{name}.pth")
-            else:
-                print(f"{name:18s} pth          skipped: torch is not installed here")
+            sources = {"safetensors": checkpoint, "weights.h5": converted,
+                       "pth": os.path.join(out_dir, f"{name}.pth")}
             for source, path in sources.items():
                 start = time.perf_counter()
                 logits = keras_logits(name, path, images)

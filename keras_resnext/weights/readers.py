@@ -3,8 +3,9 @@
 Three formats, told apart by their contents rather than their names:
 
 - Keras `.weights.h5` files saved from the same architecture (any block form);
-- PyTorch state dicts (`.pth`/`.pt`, zip or legacy pickle), read with
-  `torch.load(weights_only=True)` so that no code in them can run;
+- PyTorch state dicts (`.pth`/`.pt`, zip or legacy pickle), read without torch
+  by `torch_zip`, whose unpickler admits only what a state dict holds, so that
+  no code in them can run;
 - `.safetensors` files, read with `safetensors.numpy` (no torch needed).
 """
 
@@ -21,7 +22,7 @@ import zipfile
 import numpy as np
 
 from keras_resnext.models import ResNeXt
-from keras_resnext.weights import names
+from keras_resnext.weights import names, torch_zip
 
 KERAS = "keras"
 TORCH = "torch"
@@ -115,34 +116,23 @@ def read_torch_layout(path, file_format):
 
 def _read_torch(path):
     try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            f"Reading the PyTorch file {path} needs torch: pip install keras-resnext[torch] "
-            f"(or pass a .safetensors file, which needs no torch)."
-        ) from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        loaded = torch_zip.load(path)
+    except torch_zip.RefusedGlobal as refusal:
         raise ValueError(
-            f"Refused {path} as unsafe: it holds Python objects other than tensors, so "
-            f"torch.load(weights_only=True) would not unpickle it and nothing in it ran"
-            f"{_unpickling_reason(error)}. If you trust its author, re-save just its "
-            f"state dict in PyTorch: torch.save(model.state_dict(), 'weights.pth')."
+            f"Refused {path} as unsafe: it holds Python objects other than tensors "
+            f"(it refers to {refusal.global_name}), so it was not unpickled and nothing in it "
+            f"ran. If you trust its author, re-save just its state dict in PyTorch: "
+            f"torch.save(model.state_dict(), 'weights.pth')."
         ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, RecursionError, zipfile.BadZipFile) as error:
+        raise ValueError(f"Could not read {path} as a PyTorch state dict: {error}") from None
     state = _state_dict_in(loaded, path)
     return {
-        name: (tensor.detach().float() if tensor.is_floating_point() else tensor).numpy()
-        if isinstance(tensor, torch.Tensor) else tensor
-        for name, tensor in state.items()
+        name: value.astype(np.float32) if isinstance(value, np.ndarray)
+        and np.issubdtype(value.dtype, np.floating) else value
+        for name, value in state.items()
     }
-
-
-def _unpickling_reason(error):
-    for line in str(error).splitlines():
-        if "GLOBAL" in line or line.startswith("Unsupported"):
-            return f" ({line.strip().rstrip('.')})"
-    return ""
 
 
 def _state_dict_in(loaded, path):
