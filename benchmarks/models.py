@@ -22,9 +22,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
-from timed_workers import Worker, answer_runs, repo_environment
+from timed_workers import (Worker, add_round_arguments, answer_runs, measure_in_rounds,
+                           repo_environment)
 from machine import print_cpu
 
 MODELS = ("resnext50_32x4d", "resnet50")
@@ -143,11 +143,7 @@ def main():
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="batches per timed round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--settle", type=float, default=2.0,
-                        help="seconds of rest before each timed round")
+    add_round_arguments(parser, settle=2.0)
     parser.add_argument("--python", default=sys.executable, help="interpreter for ours")
     parser.add_argument("--torch_python", default=sys.executable,
                         help="interpreter with torch + torchvision")
@@ -174,14 +170,7 @@ def main():
         # One mode at a time keeps at most four models in memory.
         workers = [start_worker(impl, python, model, mode, args)
                    for impl, python in implementations for model in models]
-        for round_index in range(args.repeats):
-            # Interleaved rounds, each starting with a different worker, and a
-            # pause before each measurement: PyTorch's OpenMP threads spin for a
-            # while after their work and would slow whoever runs next.
-            shift = round_index % len(workers)
-            for worker in workers[shift:] + workers[:shift]:
-                time.sleep(args.settle)
-                worker.measure(args.steps, args.batch_size)
+        measure_in_rounds(workers, args)
         for worker in workers:
             worker.close()
             results[worker.key] = dict(median=statistics.median(worker.rates),

@@ -16,10 +16,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 from machine import cpu_description
-from timed_workers import Worker, answer_runs, repo_environment
+from timed_workers import (Worker, add_round_arguments, answer_runs, measure_in_rounds,
+                           repo_environment)
 
 
 def keras_worker(args):
@@ -86,11 +86,7 @@ def main():
     parser.add_argument("--model", default="resnext50_32x4d")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="batches per timed round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="seconds of rest before each timed round")
+    add_round_arguments(parser, settle=1.0)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", choices=["keras", "served"])
     parser.add_argument("--export")
@@ -108,11 +104,7 @@ def main():
             start_worker("served, oneDNN off", args, "served", "portable", "0"),
             start_worker("served, oneDNN on, fusable export", args, "served", "onednn_only", "1"),
         ]
-        for round_index in range(args.repeats):
-            shift = round_index % len(workers)
-            for worker in workers[shift:] + workers[:shift]:
-                time.sleep(args.settle)
-                worker.measure(args.steps, args.batch_size)
+        measure_in_rounds(workers, args)
         for worker in workers:
             worker.close()
 

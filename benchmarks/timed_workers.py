@@ -25,6 +25,26 @@ def answer_runs(step, version, warmup):
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
+def add_round_arguments(parser, settle):
+    """The flags of the timed rounds, shared by every benchmark that uses workers."""
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="batches per timed round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=settle,
+                        help="seconds of rest before each timed round")
+
+
+def measure_in_rounds(workers, args):
+    """`args.repeats` interleaved rounds, each starting with a different worker,
+    with a pause before each measurement: PyTorch's OpenMP threads spin for a
+    while after their work and would slow whoever runs next."""
+    for round_index in range(args.repeats):
+        shift = round_index % len(workers)
+        for worker in workers[shift:] + workers[:shift]:
+            time.sleep(args.settle)
+            worker.measure(args.steps, args.batch_size)
+
+
 def repo_environment(**variables):
     """This process's environment with the repository importable and `variables` set."""
     env = dict(os.environ, **variables)
