@@ -127,12 +127,7 @@ def _no_empty_model_dir_left(model_dir):
     except BaseException:
         if not existed:
             with contextlib.suppress(OSError):
-                # Only if the run left nothing but its released lock: nothing
-                # of a run is lost.
-                if set(os.listdir(model_dir)) <= {training.LOCK_NAME}:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(model_dir, training.LOCK_NAME))
-                    os.rmdir(model_dir)
+                os.rmdir(model_dir)  # only if empty: nothing of a run is lost
         raise
 
 

@@ -31,6 +31,10 @@ def native_kernels(enabled=True):
         _scope.depth = depth
 
 
+def _in_native_scope():
+    return bool(getattr(_scope, "depth", 0))
+
+
 def native_grouped_gradient_available(dtype="float32"):
     """Whether TensorFlow can differentiate its native grouped conv here.
 
@@ -92,7 +96,7 @@ def _grappler_fuses_grouped_convs_here():
     `native_kernels`) may let it fuse, and only where this process's kernel
     takes groups.
     """
-    return bool(getattr(_scope, "depth", 0)) and (_onednn_enabled() or _gpu_visible())
+    return _in_native_scope() and (_onednn_enabled() or _gpu_visible())
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,7 +152,7 @@ def _avx2_op_applies(x, kernel, strides, dilations):
     """Whether the AVX2 op may and can run this convolution here."""
     import tensorflow as tf
 
-    if not (tf.executing_eagerly() or getattr(_scope, "depth", 0)):
+    if not (tf.executing_eagerly() or _in_native_scope()):
         return False
     kh, kw, group_width, filters = kernel.shape
     channels = x.shape[-1]

@@ -139,7 +139,7 @@ class ModelDirLock:
     so a caller may hold it around `train()` and an export.
     """
 
-    _held = {}  # real path -> [open lock file, depth]
+    _held = {}  # real path -> [open lock file, depth, whether the lock created the folder]
 
     def __init__(self, model_dir):
         self.model_dir = model_dir
@@ -150,6 +150,7 @@ class ModelDirLock:
         if held is not None:
             held[1] += 1
             return self
+        created = not os.path.isdir(self.model_dir)
         os.makedirs(self.model_dir, exist_ok=True)
         lock_file = open(os.path.join(self.model_dir, LOCK_NAME), "a+", encoding="utf-8")
         if fcntl is not None:
@@ -165,7 +166,7 @@ class ModelDirLock:
         lock_file.truncate(0)
         lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         lock_file.flush()
-        self._held[self.key] = [lock_file, 1]
+        self._held[self.key] = [lock_file, 1, created]
         return self
 
     def __exit__(self, *exc_info):
@@ -174,7 +175,18 @@ class ModelDirLock:
         if held[1] == 0:
             del self._held[self.key]
             held[0].close()  # releases the flock
+            if held[2]:
+                _remove_if_only_the_lock(self.model_dir)
         return False
+
+
+def _remove_if_only_the_lock(model_dir):
+    """A model_dir the lock created and the run left empty (it failed before
+    writing anything) goes again: nothing of a run is lost."""
+    with contextlib.suppress(OSError):
+        if os.listdir(model_dir) == [LOCK_NAME]:
+            os.remove(os.path.join(model_dir, LOCK_NAME))
+            os.rmdir(model_dir)
 
 
 @contextlib.contextmanager
