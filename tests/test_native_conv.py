@@ -26,9 +26,21 @@ def test_builds_where_it_can():
     assert OP is not None
 
 
+def grouped_reference(x, kernel, stride, padding, dilation):
+    """TensorFlow's grouped convolution as one ungrouped tf.nn.conv2d per
+    group, which every CPU build of TensorFlow has and can differentiate
+    (without oneDNN its grouped kernel has no gradient)."""
+    groups = x.shape[-1] // kernel.shape[2]
+    return tf.concat([
+        tf.nn.conv2d(xg, kg, stride, padding.upper(), dilations=dilation)
+        for xg, kg in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
+    ], axis=-1)
+
+
+
 def reference(x, kernel, stride, pads):
     padded = tf.pad(x, [[0, 0], pads[0:2], pads[2:4], [0, 0]])
-    return tf.nn.conv2d(padded, kernel, stride, "VALID")
+    return grouped_reference(padded, kernel, stride, "valid", 1)
 
 
 def random(shape, seed):
@@ -174,16 +186,6 @@ def test_switch_and_failed_build_fall_back_to_tensorflows_kernel(python_subproce
     assert broken.returncode == 0, broken.stderr[-2000:]
     assert "OP True" in broken.stdout
     assert "no-such-compiler failed to run" in broken.stdout
-
-
-def grouped_reference(x, kernel, stride, padding, dilation):
-    """TensorFlow's grouped convolution as one ungrouped tf.nn.conv2d per
-    group, which every CPU build of TensorFlow has."""
-    groups = x.shape[-1] // kernel.shape[2]
-    return tf.concat([
-        tf.nn.conv2d(xg, kg, stride, padding.upper(), dilations=dilation)
-        for xg, kg in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
-    ], axis=-1)
 
 
 def sweep_cases(count, seed):
