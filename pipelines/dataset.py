@@ -6,8 +6,8 @@ import tensorflow as tf
 
 from keras_resnext.applications import eval_transform
 from keras_resnext.preprocessing import preprocess_input
-from pipelines import cifar, imagenet
-from pipelines.sources import open_source
+from pipelines import augment, cifar, imagenet
+from pipelines.sources import open_source, parse_source
 
 __all__ = ["PREPROCESSINGS", "build_dataset"]
 
@@ -21,11 +21,16 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
                   manual_dir=None, tfrecord_label_offset=1,
                   tfrecord_num_classes=1000, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
                   deterministic=False, seed=None, input_context=None,
-                  color_jitter=False, pca_lighting=False):
+                  color_jitter=False, pca_lighting=False,
+                  auto_augment=None, random_erasing=0.0, mixup_alpha=0.0,
+                  cutmix_alpha=0.0, mixup_switch_prob=0.5, repeated_augmentations=1,
+                  num_classes=None):
     """One pass over a split as batches of `(images, labels)`.
 
     Images are float32 [batch, image_size, image_size, 3], normalised by
-    `keras_resnext.preprocess_input`; labels are int32 [batch]. Callers repeat.
+    `keras_resnext.preprocess_input`; labels are int32 [batch], or float32
+    [batch, num_classes] soft targets when training with mixup or cutmix.
+    Callers repeat.
 
     Args:
       source: a source string (see `pipelines.sources`): a TFDS name or
@@ -54,6 +59,19 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
         reads its own shard of the split.
       color_jitter, pca_lighting: fb.resnet.torch's colour augmentations for
         ImageNet-style training.
+      auto_augment, random_erasing, mixup_alpha, cutmix_alpha,
+      mixup_switch_prob, repeated_augmentations: the later recipes' training
+        augmentations (`pipelines.augment`), all off by default and ignored
+        for evaluation. `auto_augment`: None, "trivial_augment_wide" or a timm
+        RandAugment string such as "rand-m6-mstd0.5-inc1" (ImageNet-style
+        only); `random_erasing`: its probability per image (ImageNet-style
+        only); `mixup_alpha`, `cutmix_alpha`: Beta alphas, one of the two per
+        batch, cutmix with probability `mixup_switch_prob` when both are on;
+        `repeated_augmentations`: each image of a pass appears this many
+        times, differently augmented and spread over the input pipelines, in
+        a pass of the same length (torchvision's RASampler).
+      num_classes: the width of mixup/cutmix soft targets; default the
+        source's number of classes.
 
     Unreadable images (truncated, corrupt, empty) are skipped; at the end of
     each pass the pipeline prints to stderr how many it skipped and a few names.
@@ -77,11 +95,30 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
             "color_jitter and pca_lighting are ImageNet-style augmentations; "
             f"{source} uses CIFAR-style preprocessing."
         )
+    augmentations = augment.TrainingAugmentations(
+        auto_augment=auto_augment, random_erasing=random_erasing,
+        mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+        mixup_switch_prob=mixup_switch_prob,
+        repeated_augmentations=repeated_augmentations,
+    )
+    if preprocessing == "cifar" and augmentations.per_image:
+        raise ValueError(
+            "auto_augment and random_erasing are ImageNet-style augmentations; "
+            f"{source} uses CIFAR-style preprocessing."
+        )
+    source_classes = len(opened.class_names)
+    if num_classes is None:
+        num_classes = source_classes
+    if num_classes < source_classes:
+        raise ValueError(
+            f"num_classes={num_classes} is fewer than the {source_classes} classes of {source}."
+        )
     image_size, default_resize_size = eval_transform(preprocessing, image_size)
     if resize_size is None:
         resize_size = default_resize_size
     preprocess = _preprocess_function(
-        preprocessing, training, image_size, resize_size, color_jitter, pca_lighting
+        preprocessing, training, image_size, resize_size, color_jitter, pca_lighting,
+        augmentations,
     )
     deterministic = deterministic or not training
     if training and deterministic and seed is None:
@@ -90,14 +127,22 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
     if input_context is not None:
         num_shards = input_context.num_input_pipelines
         shard_index = input_context.input_pipeline_id
+    shared_seed = seed
     if seed is not None:
         seed += shard_index
 
     unreadable = UnreadableFiles(f"{source} {split}")
-    records = opened.records(
-        split, shuffle=training, shuffle_buffer=shuffle_buffer, seed=seed,
-        num_shards=num_shards, shard_index=shard_index, unreadable=unreadable,
-    )
+    if training and augmentations.repeated_augmentations > 1:
+        records = _repeated_records(
+            opened, source, split, augmentations.repeated_augmentations,
+            shuffle_buffer=shuffle_buffer, seed=shared_seed, deterministic=deterministic,
+            num_shards=num_shards, shard_index=shard_index, unreadable=unreadable,
+        )
+    else:
+        records = opened.records(
+            split, shuffle=training, shuffle_buffer=shuffle_buffer, seed=seed,
+            num_shards=num_shards, shard_index=shard_index, unreadable=unreadable,
+        )
 
     def load(key, payload, element_seed=None):
         with tf.control_dependencies([unreadable.started(key)]):
@@ -118,9 +163,8 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
     examples = records.map(
         load_element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
     ).ignore_errors()
-    num_classes = len(opened.class_names)
     examples = examples.map(
-        lambda key, image, label: _check_label(key, image, label, num_classes),
+        lambda key, image, label: _check_label(key, image, label, source_classes),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
     )
     examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
@@ -129,14 +173,49 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
         dataset = dataset.map(lambda images, labels: (preprocess_input(images), labels),
                               num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=deterministic)
+    if training and augmentations.mixes:
+        dataset = tf.data.Dataset.zip(dataset, augment.mixing_seeds(seed)).map(
+            lambda batch, batch_seed: augment.mix_batch(
+                *batch, batch_seed, num_classes=num_classes,
+                mixup_alpha=augmentations.mixup_alpha,
+                cutmix_alpha=augmentations.cutmix_alpha,
+                switch_prob=augmentations.mixup_switch_prob,
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic,
+        )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options)
 
 
+def _repeated_records(opened, source, split, repetitions, *, shuffle_buffer, seed,
+                      deterministic, num_shards, shard_index, unreadable):
+    """The keys of a pass with repeated augmentation (`augment.repeated_records`).
+
+    Every input pipeline reads the whole split in one shared shuffled order
+    (seed 0 if none, as RASampler's) and keeps its share of the copies.
+    """
+    if num_shards > 1 and not deterministic and parse_source(source)[0] != "folder":
+        # Their files are read in parallel, in an order that may differ per pipeline.
+        raise ValueError(
+            f"repeated_augmentations over {num_shards} input pipelines needs "
+            f"deterministic=True for {source}: only folder sources read in one order "
+            "everywhere otherwise."
+        )
+    if seed is None and num_shards > 1:
+        seed = 0
+    records = opened.records(
+        split, shuffle=True, shuffle_buffer=shuffle_buffer, seed=seed,
+        num_shards=1, shard_index=0, unreadable=unreadable,
+    )
+    return augment.repeated_records(
+        records, repetitions, opened.describe(split).num_examples, num_shards, shard_index
+    )
+
+
 def _preprocess_function(preprocessing, training, image_size, resize_size,
-                         color_jitter, pca_lighting):
+                         color_jitter, pca_lighting, augmentations):
     if preprocessing == "cifar":
         if training:
             return lambda image_bytes, seed: cifar.preprocess_for_train(
@@ -147,7 +226,8 @@ def _preprocess_function(preprocessing, training, image_size, resize_size,
         # Normalised per batch in build_dataset: cheaper than per image.
         return lambda image_bytes, seed: imagenet.augment_for_train(
             image_bytes, image_size, seed, color_jitter=color_jitter,
-            pca_lighting=pca_lighting,
+            pca_lighting=pca_lighting, auto_augment=augmentations.auto_augment,
+            random_erasing_probability=augmentations.random_erasing,
         )
     return lambda image_bytes, seed: imagenet.preprocess_for_eval(
         image_bytes, image_size, resize_size

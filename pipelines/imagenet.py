@@ -14,7 +14,8 @@ pipeline that hands out seeds deterministically is reproducible.
 import tensorflow as tf
 
 from keras_resnext.kernels.images import decode_image, preprocess_for_eval
-from keras_resnext.preprocessing import preprocess_input
+from keras_resnext.preprocessing import IMAGENET_MEAN_RGB, preprocess_input
+from pipelines.augment import grayscale, random_erasing
 
 __all__ = [
     "AREA_RANGE",
@@ -42,7 +43,8 @@ LIGHTING_EIGENVECTORS = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
-GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+# Random erasing fills with the mean colour: torchvision erases the normalised image with 0.
+ERASING_FILL = tuple(255.0 * mean for mean in IMAGENET_MEAN_RGB)
 
 
 def sample_crop_window(image_height_width, seed, area_range=AREA_RANGE,
@@ -101,21 +103,28 @@ def decode_random_crop(image_bytes, seed, area_range=AREA_RANGE,
 
 
 def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
-                         color_jitter=False, pca_lighting=False):
+                         color_jitter=False, pca_lighting=False, auto_augment=None,
+                         random_erasing_probability=0.0):
     """The paper's training view of one encoded image: float32 [size, size, 3].
 
     Random-area/aspect crop, resized to `image_size`, random horizontal flip,
     optionally fb.resnet.torch's colour jitter and PCA lighting, then
     `keras_resnext.preprocess_input`. `seed` is a [2] integer tensor for the
     stateless random ops; None draws one.
+
+    The later recipes' per-image augmentations, off by default: `auto_augment`
+    (a `pipelines.augment` policy, e.g. `parse_auto_augment("rand-m6-mstd0.5-inc1")`)
+    after the resize, and random erasing with `random_erasing_probability` last.
     """
     return preprocess_input(augment_for_train(
-        image_bytes, image_size, seed, color_jitter=color_jitter, pca_lighting=pca_lighting
+        image_bytes, image_size, seed, color_jitter=color_jitter, pca_lighting=pca_lighting,
+        auto_augment=auto_augment, random_erasing_probability=random_erasing_probability,
     ))
 
 
 def augment_for_train(image_bytes, image_size=224, seed=None, *,
-                      color_jitter=False, pca_lighting=False):
+                      color_jitter=False, pca_lighting=False, auto_augment=None,
+                      random_erasing_probability=0.0):
     """`preprocess_for_train` before normalisation: float32 RGB in [0, 255].
 
     Batched pipelines normalise whole batches, which is cheaper per image.
@@ -135,6 +144,16 @@ def augment_for_train(image_bytes, image_size=224, seed=None, *,
         image = random_color_jitter(image, jitter_seed)
     if pca_lighting:
         image = random_pca_lighting(image, lighting_seed)
+    # Seeds of their own, so that the four above stay what they were.
+    if auto_augment is not None:
+        # Its ops are PIL's on uint8 images: whole values in [0, 255].
+        image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+        image = auto_augment(image, tf.random.experimental.stateless_fold_in(seed, 1))
+    if random_erasing_probability > 0:
+        image = random_erasing(
+            image, tf.random.experimental.stateless_fold_in(seed, 2),
+            random_erasing_probability, ERASING_FILL,
+        )
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
@@ -157,11 +176,11 @@ def random_color_jitter(image, seed, strength=COLOR_JITTER_STRENGTH):
         return x * factors[0]
 
     def contrast(x):
-        mean_gray = tf.reduce_mean(_grayscale(x))
+        mean_gray = tf.reduce_mean(grayscale(x))
         return mean_gray + factors[1] * (x - mean_gray)
 
     def saturation(x):
-        gray = _grayscale(x)[..., None]
+        gray = grayscale(x)[..., None]
         return gray + factors[2] * (x - gray)
 
     orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
@@ -187,7 +206,3 @@ def random_pca_lighting(image, seed, std=LIGHTING_STD):
     rgb_shift = tf.linalg.matvec(eigenvectors, alpha * eigenvalues)
     # The eigen-decomposition is of RGB in [0, 1].
     return image + 255.0 * rgb_shift
-
-
-def _grayscale(image):
-    return tf.tensordot(image, tf.constant(GRAYSCALE_WEIGHTS), axes=1)
