@@ -86,7 +86,15 @@ def _blend(degenerate, image, factor):
 
 def _affine(image, matrix, fill, interpolation):
     """Samples the input at `matrix` (2x3, output (x, y) to input) of each
-    output pixel; what falls outside is `fill`."""
+    output pixel; what falls outside is `fill`.
+
+    `matrix` is in PIL's and torchvision's coordinates, where pixel (i, j) is
+    the unit square from (j, i) and its centre is at + 0.5; TF's transform
+    works on pixel indices.
+    """
+    linear, offset = tf.reshape(matrix, [2, 3])[:, :2], tf.reshape(matrix, [2, 3])[:, 2]
+    offset = offset + 0.5 * tf.reduce_sum(linear, axis=1) - 0.5
+    matrix = tf.concat([linear, offset[:, None]], axis=1)
     transform = tf.concat([tf.reshape(matrix, [6]), [0.0, 0.0]], axis=0)[None]
     fill = tf.constant(fill, tf.float32)
     # The op fills with one scalar; shifting by the fill colour makes it 0.
@@ -99,14 +107,14 @@ def _affine(image, matrix, fill, interpolation):
 
 
 def rotate(image, degrees, fill, interpolation):
-    """Rotation about the centre."""
+    """Counter-clockwise rotation about the centre."""
     radians = degrees * (math.pi / 180.0)
     cos, sin = tf.cos(radians), tf.sin(radians)
     height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
-    center_x, center_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    center_x, center_y = width / 2.0, height / 2.0
     matrix = tf.stack([
-        cos, sin, center_x - cos * center_x - sin * center_y,
-        -sin, cos, center_y + sin * center_x - cos * center_y,
+        cos, -sin, center_x - cos * center_x + sin * center_y,
+        sin, cos, center_y - sin * center_x - cos * center_y,
     ])
     return _affine(image, matrix, fill, interpolation)
 
@@ -474,9 +482,10 @@ def mixing_seeds(seed):
 
 def _sample_beta(alpha, seed):
     first_seed, second_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    first = tf.random.stateless_gamma([], first_seed, alpha)
-    second = tf.random.stateless_gamma([], second_seed, alpha)
-    return first / (first + second)
+    # In float64: with alpha 0.2 both float32 gammas underflow to 0 now and then.
+    first = tf.random.stateless_gamma([], first_seed, alpha, dtype=tf.float64)
+    second = tf.random.stateless_gamma([], second_seed, alpha, dtype=tf.float64)
+    return tf.cast(first / (first + second), tf.float32)
 
 
 def mix_batch(images, labels, seed, *, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0,
