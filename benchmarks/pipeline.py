@@ -8,6 +8,16 @@ random flips:
 - torchvision: `ImageFolder` + `RandomResizedCrop(224)` + flip + `ToTensor` +
   `Normalize` through `DataLoader(num_workers=2)`, shuffled.
 
+In the same run, a row per later recipe's training view (issue 13), ours
+through `build_dataset`'s options and, for torchvision_v2, torchvision's own:
+
+- torchvision_v2: 176 crop, TrivialAugment-wide, random erasing 0.1, mixup
+  0.2 or cutmix 1.0 per batch (torchvision: `v2.RandomChoice` of `v2.MixUp`
+  and `v2.CutMix` in the collate function, as its reference scripts);
+- rsb_a3: 160 crop, RandAugment rand-m6-mstd0.5-inc1, mixup 0.1 or cutmix 1.0.
+
+Repeated augmentation only reorders keys, so it is left out.
+
 torchvision runs in this interpreter when it is importable, otherwise in
 --torch_python (e.g. a separate PyTorch virtualenv). The script prints both
 figures (median of --repeats alternating runs) and their ratio, as images/s
@@ -35,6 +45,21 @@ else:
 
 GENERATED_IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo.
 GENERATED_CLASSES = 10
+
+# `pipelines.build_dataset` options of each recipe's training view.
+RECIPE_VIEWS = {
+    "paper": dict(image_size=224),
+    "torchvision_v2": dict(image_size=176, auto_augment="trivial_augment_wide",
+                           random_erasing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0),
+    "rsb_a3": dict(image_size=160, auto_augment="rand-m6-mstd0.5-inc1",
+                   mixup_alpha=0.1, cutmix_alpha=1.0),
+}
+RECIPE_VIEW_NAMES = {
+    "paper": "paper view (224 crop, flip)",
+    "torchvision_v2": "torchvision_v2 view (176, TrivialAugment-wide, erasing 0.1, mixup/cutmix)",
+    "rsb_a3": "rsb_a3 view (160, rand-m6-mstd0.5-inc1, mixup/cutmix)",
+}
+TORCHVISION_VIEWS = ("paper", "torchvision_v2")
 
 
 def generate_images(root, num_images, seed=0):
@@ -102,32 +127,64 @@ def measure(batches, batch_size, warmup_batches, timed_batches):
             1000 * cpu / ((warmup_batches + timed_batches) * batch_size))
 
 
-def tf_data_dataset(root, batch_size, num_batches):
+def tf_data_dataset(root, batch_size, num_batches, view="paper"):
     import pipelines
 
     return pipelines.build_dataset(
-        f"folder:{root}", "train", batch_size=batch_size, training=True
+        f"folder:{root}", "train", batch_size=batch_size, training=True,
+        **RECIPE_VIEWS[view],
     ).repeat().take(num_batches)
 
 
-def torchvision_loader(root, batch_size, num_batches, num_workers):
-    """torchvision's standard ImageNet training input, for `num_batches` batches."""
+class MixOrCutCollate:
+    """torchvision's reference collate for the V2 recipe: mixup or cutmix per batch."""
+
+    def __init__(self, num_classes, mixup_alpha, cutmix_alpha):
+        from torchvision.transforms import v2
+
+        self.mix = v2.RandomChoice([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes),
+                                    v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)])
+
+    def __call__(self, batch):
+        from torch.utils.data import default_collate
+
+        return self.mix(*default_collate(batch))
+
+
+def torchvision_loader(root, batch_size, num_batches, num_workers, view="paper"):
+    """torchvision's ImageNet training input of a view, for `num_batches` batches."""
     import torch
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(224),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    normalize = transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    collate = None
+    if view == "paper":
+        transform = transforms.Compose([
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ])
+    else:  # torchvision_v2, as references/classification/presets.py builds it.
+        options = RECIPE_VIEWS[view]
+        transform = transforms.Compose([
+            transforms.RandomResizedCrop(options["image_size"]),
+            transforms.RandomHorizontalFlip(),
+            transforms.TrivialAugmentWide(),
+            transforms.PILToTensor(),
+            transforms.ConvertImageDtype(torch.float),
+            normalize,
+            transforms.RandomErasing(p=options["random_erasing"]),
+        ])
+        collate = MixOrCutCollate(GENERATED_CLASSES, options["mixup_alpha"],
+                                  options["cutmix_alpha"])
     dataset = datasets.ImageFolder(os.path.join(root, "train"), transform=transform)
     # One long epoch (a shuffle as DataLoader(shuffle=True) does, repeated as
     # needed), so that the workers start once and are joined at the end.
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=num_batches * batch_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        drop_last=True,
+        drop_last=True, collate_fn=collate,
     )
 
 
@@ -139,13 +196,13 @@ def torchvision_importable():
     return True
 
 
-def measure_torchvision(args):
-    """torchvision's (images/s, CPU ms/image), here or in --torch_python;
-    None if neither has torchvision."""
+def measure_torchvision(args, view="paper"):
+    """torchvision's (images/s, CPU ms/image) of a view, here or in
+    --torch_python; None if neither has torchvision."""
     if torchvision_importable():
         loader = torchvision_loader(
             args.data_dir, args.batch_size, args.warmup_batches + args.timed_batches,
-            args.torch_workers,
+            args.torch_workers, view,
         )
         return measure(loader, args.batch_size, args.warmup_batches, args.timed_batches)
     if not args.torch_python:
@@ -155,7 +212,7 @@ def measure_torchvision(args):
         "--data_dir", args.data_dir, "--batch_size", str(args.batch_size),
         "--warmup_batches", str(args.warmup_batches),
         "--timed_batches", str(args.timed_batches),
-        "--torch_workers", str(args.torch_workers),
+        "--torch_workers", str(args.torch_workers), "--view", view,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
@@ -179,13 +236,15 @@ def parse_args(argv):
     parser.add_argument("--torch_workers", type=int, default=2)
     parser.add_argument("--torch_python", help="interpreter with torchvision, if not this one")
     parser.add_argument("--only_torchvision", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--view", default="paper", choices=TORCHVISION_VIEWS,
+                        help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.only_torchvision:
-        images_per_second, cpu_ms_per_image = measure_torchvision(args)
+        images_per_second, cpu_ms_per_image = measure_torchvision(args, args.view)
         print(json.dumps({"images_per_second": images_per_second,
                           "cpu_ms_per_image": cpu_ms_per_image}))
         return
@@ -198,28 +257,50 @@ def main(argv=None):
         print(f"{count} JPEGs in {args.data_dir}, {mean_bytes / 1024:.0f} KB on average; "
               f"batch {args.batch_size}, {args.timed_batches} timed batches x "
               f"{args.repeats} repeats, {os.cpu_count()} CPUs")
-        dataset = tf_data_dataset(args.data_dir, args.batch_size,
-                                  args.warmup_batches + args.timed_batches)
-        ours, theirs = [], []
-        # Alternate the two, so that a busy spell on the machine hits both.
+        datasets = {
+            view: tf_data_dataset(args.data_dir, args.batch_size,
+                                  args.warmup_batches + args.timed_batches, view)
+            for view in RECIPE_VIEWS
+        }
+        ours = {view: [] for view in RECIPE_VIEWS}
+        theirs = {view: [] for view in TORCHVISION_VIEWS}
+        # Alternate them all, so that a busy spell on the machine hits each.
         for _ in range(args.repeats):
-            theirs.append(measure_torchvision(args))
-            ours.append(measure(dataset, args.batch_size, args.warmup_batches,
-                                args.timed_batches))
-    for name, runs in (("tf.data", ours), ("torchvision", theirs)):
+            for view in TORCHVISION_VIEWS:
+                theirs[view].append(measure_torchvision(args, view))
+            for view, dataset in datasets.items():
+                ours[view].append(measure(dataset, args.batch_size, args.warmup_batches,
+                                          args.timed_batches))
+    for name, runs in [(f"tf.data {view}", ours[view]) for view in ours] + [
+            (f"torchvision {view}", theirs[view]) for view in theirs]:
         if runs[0] is not None:
             print(f"{name} runs: " + ", ".join(f"{rate:.0f}/s {cpu:.1f}ms" for rate, cpu in runs))
-    tf_rate, tf_cpu = np.median(ours, axis=0)
+    print_recipe_views(ours, theirs, args.torch_workers)
+    tf_rate, tf_cpu = np.median(ours["paper"], axis=0)
     print(f"tf.data (pipelines.build_dataset): {tf_rate:7.1f} images/s, "
           f"{tf_cpu:5.1f} CPU ms/image")
-    if theirs[0] is None:
+    if theirs["paper"][0] is None:
         print("torchvision: not importable here and no --torch_python given")
         return
-    torch_rate, torch_cpu = np.median(theirs, axis=0)
+    torch_rate, torch_cpu = np.median(theirs["paper"], axis=0)
     print(f"torchvision DataLoader({args.torch_workers} workers): {torch_rate:7.1f} images/s, "
           f"{torch_cpu:5.1f} CPU ms/image")
     print(f"ratio: {tf_rate / torch_rate:.2f}x images/s, "
           f"{torch_cpu / tf_cpu:.2f}x less CPU per image")
+
+
+def print_recipe_views(ours, theirs, torch_workers):
+    """A row per recipe view: medians of ours and, where measured, torchvision's."""
+    print("recipe views (medians):")
+    for view, runs in ours.items():
+        rate, cpu = np.median(runs, axis=0)
+        print(f"  tf.data {RECIPE_VIEW_NAMES[view]}: {rate:7.1f} images/s, "
+              f"{cpu:5.1f} CPU ms/image")
+        if view in theirs and theirs[view][0] is not None:
+            torch_rate, torch_cpu = np.median(theirs[view], axis=0)
+            print(f"  torchvision DataLoader({torch_workers} workers), same view: "
+                  f"{torch_rate:7.1f} images/s, {torch_cpu:5.1f} CPU ms/image "
+                  f"(ours {rate / torch_rate:.2f}x images/s)")
 
 
 if __name__ == "__main__":
