@@ -73,6 +73,11 @@ def grayscale(image):
 # Image ops on float32 RGB [H, W, 3] holding whole numbers in [0, 255], as
 # PIL's and torchvision's uint8 ops see them. Each takes its argument in its
 # own units (degrees, pixels, a blend factor, bits, a threshold).
+#
+# A policy draws one op per image inside tf.data, and every op it did not
+# draw still costs a little per element (its graph nodes are visited), so
+# ops that differ only in parameters share one branch: the five geometric
+# ops one affine transform, Brightness/Color/Contrast one blend.
 
 
 def _clip(image):
@@ -84,68 +89,41 @@ def _blend(degenerate, image, factor):
     return _clip(degenerate + factor * (image - degenerate))
 
 
-def _affine(image, matrix, fill, interpolation):
-    """Samples the input at `matrix` (2x3, output (x, y) to input) of each
-    output pixel; what falls outside is `fill`.
+def affine(image, geometry, fill, interpolation):
+    """Rotation about the centre, shear about the top-left corner and
+    translation, as PIL and torchvision do them; what falls outside is `fill`.
 
-    `matrix` is in PIL's and torchvision's coordinates, where pixel (i, j) is
-    the unit square from (j, i) and its centre is at + 0.5; TF's transform
-    works on pixel indices.
+    `geometry` is [counter-clockwise degrees, shear x, shear y, translate x,
+    translate y (pixels)]; the recipes' ops set one of them at a time.
     """
-    linear, offset = tf.reshape(matrix, [2, 3])[:, :2], tf.reshape(matrix, [2, 3])[:, 2]
-    offset = offset + 0.5 * tf.reduce_sum(linear, axis=1) - 0.5
-    matrix = tf.concat([linear, offset[:, None]], axis=1)
-    transform = tf.concat([tf.reshape(matrix, [6]), [0.0, 0.0]], axis=0)[None]
+    degrees, shear_x, shear_y, translate_x, translate_y = tf.unstack(geometry)
+    radians = degrees * (math.pi / 180.0)
+    cos, sin = tf.cos(radians), tf.sin(radians)
+    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
+    center_x, center_y = width / 2.0, height / 2.0
+    # Output (x, y) to input, in PIL's coordinates (pixel centres at + 0.5);
+    # TF's transform works on pixel indices, hence the half-pixel terms.
+    a, b, d, e = cos, shear_x - sin, sin + shear_y, cos
+    c = center_x - cos * center_x + sin * center_y - translate_x
+    f = center_y - sin * center_x - cos * center_y - translate_y
+    c += 0.5 * (a + b) - 0.5
+    f += 0.5 * (d + e) - 0.5
     fill = tf.constant(fill, tf.float32)
     # The op fills with one scalar; shifting by the fill colour makes it 0.
     moved = tf.raw_ops.ImageProjectiveTransformV3(
-        images=(image - fill)[None], transforms=transform,
+        images=(image - fill)[None], transforms=tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None],
         output_shape=tf.shape(image)[:2], fill_value=0.0,
         interpolation=interpolation, fill_mode="CONSTANT",
     )
     return _clip(moved[0] + fill)
 
 
-def rotate(image, degrees, fill, interpolation):
-    """Counter-clockwise rotation about the centre."""
-    radians = degrees * (math.pi / 180.0)
-    cos, sin = tf.cos(radians), tf.sin(radians)
-    height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
-    center_x, center_y = width / 2.0, height / 2.0
-    matrix = tf.stack([
-        cos, -sin, center_x - cos * center_x + sin * center_y,
-        sin, cos, center_y - sin * center_x - cos * center_y,
-    ])
-    return _affine(image, matrix, fill, interpolation)
-
-
-def shear_x(image, factor, fill, interpolation):
-    """Shear about the top-left corner, as PIL's and torchvision's."""
-    return _affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]), fill, interpolation)
-
-
-def shear_y(image, factor, fill, interpolation):
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]), fill, interpolation)
-
-
-def translate_x(image, pixels, fill, interpolation):
-    return _affine(image, tf.stack([1.0, 0.0, -pixels, 0.0, 1.0, 0.0]), fill, interpolation)
-
-
-def translate_y(image, pixels, fill, interpolation):
-    return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, -pixels]), fill, interpolation)
-
-
-def brightness(image, factor):
-    return _blend(tf.zeros_like(image), image, factor)
-
-
-def color(image, factor):
-    return _blend(grayscale(image)[..., None], image, factor)
-
-
-def contrast(image, factor):
-    return _blend(tf.reduce_mean(grayscale(image)), image, factor)
+def enhance(image, factor, gray_weight, mean_gray_weight):
+    """Brightness (weights 0, 0), Color (1, 0) or Contrast (0, 1): a blend
+    with black, the grey image or its mean grey."""
+    gray = grayscale(image)
+    degenerate = gray_weight * gray[..., None] + mean_gray_weight * tf.reduce_mean(gray)
+    return _blend(degenerate, image, factor)
 
 
 def sharpness(image, factor):
@@ -160,7 +138,7 @@ def sharpness(image, factor):
 
 def posterize(image, bits):
     """Keep the top `bits` (0-8) bits of each value."""
-    step = tf.pow(2.0, 8.0 - tf.cast(bits, tf.float32))
+    step = tf.pow(2.0, 8.0 - bits)
     return tf.floor(image / step) * step
 
 
@@ -186,47 +164,72 @@ def auto_contrast(image):
 
 def equalize(image):
     """PIL's (and torchvision's) histogram equalisation, per channel."""
-    return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
-
-
-def _equalize_channel(channel):
-    values = tf.cast(channel, tf.int32)
-    histogram = tf.math.bincount(values, minlength=256, maxlength=256)
-    last_value_count = histogram[tf.reduce_max(tf.where(histogram > 0))]
-    step = (tf.reduce_sum(histogram) - last_value_count) // 255
-
-    def equalized():
-        lut = (tf.cumsum(histogram) + step // 2) // tf.maximum(step, 1)
-        lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], axis=0), 0, 255)
-        return tf.cast(tf.gather(lut, values), tf.float32)
-
-    return tf.cond(step > 0, equalized, lambda: channel)
+    # The three channels' histograms as one bincount: few ops, which matters
+    # because every op of an op not drawn still costs a little in tf.data.
+    values = tf.cast(image, tf.int32) + 256 * tf.range(3)
+    histograms = tf.reshape(tf.math.bincount(values, minlength=768, maxlength=768), [3, 256])
+    highest_value = 255 - tf.argmax(tf.reverse(tf.cast(histograms > 0, tf.int32), [1]), axis=1)
+    highest_count = tf.gather(histograms, highest_value, batch_dims=1)
+    steps = (tf.reduce_sum(histograms, axis=1) - highest_count) // 255
+    luts = (tf.cumsum(histograms, axis=1) + steps[:, None] // 2) // tf.maximum(steps, 1)[:, None]
+    luts = tf.clip_by_value(tf.pad(luts[:, :-1], [[0, 0], [1, 0]]), 0, 255)
+    equalized = tf.cast(tf.gather(tf.reshape(luts, [-1]), values), tf.float32)
+    # A channel of one value (step 0) is kept, as PIL does.
+    return tf.where(steps > 0, equalized, image)
 
 
 def invert(image):
     return 255.0 - image
 
 
-def _apply_op(name, image, argument, fill, interpolation):
-    """The op called `name` (torchvision's and timm's names) with `argument`."""
-    geometric = {
-        "ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x,
-        "TranslateY": translate_y, "Rotate": rotate,
+# op name (torchvision's and timm's): (family, parameters). The parameters of
+# "affine" say which entry of `affine`'s geometry the argument sets; those of
+# "enhance" are its two weights.
+OPS = {
+    "Identity": ("identity", ()),
+    "ShearX": ("affine", (0.0, 1.0, 0.0, 0.0, 0.0)),
+    "ShearY": ("affine", (0.0, 0.0, 1.0, 0.0, 0.0)),
+    "TranslateX": ("affine", (0.0, 0.0, 0.0, 1.0, 0.0)),
+    "TranslateY": ("affine", (0.0, 0.0, 0.0, 0.0, 1.0)),
+    "Rotate": ("affine", (1.0, 0.0, 0.0, 0.0, 0.0)),
+    "Brightness": ("enhance", (0.0, 0.0)),
+    "Color": ("enhance", (1.0, 0.0)),
+    "Contrast": ("enhance", (0.0, 1.0)),
+    "Sharpness": ("sharpness", ()),
+    "Posterize": ("posterize", ()),
+    "Solarize": ("solarize", ()),
+    "SolarizeAdd": ("solarize_add", ()),
+    "AutoContrast": ("auto_contrast", ()),
+    "Equalize": ("equalize", ()),
+    "Invert": ("invert", ()),
+}
+
+
+def apply_op(names, op_index, argument, image, fill, interpolation):
+    """Op `names[op_index]` (a tensor) with `argument`, on one image."""
+    families = list(dict.fromkeys(OPS[name][0] for name in names))
+    family_of_op = tf.constant([families.index(OPS[name][0]) for name in names])
+
+    def parameters(family, size):
+        rows = [OPS[name][1] if OPS[name][0] == family else (0.0,) * size for name in names]
+        return tf.gather(tf.constant(rows, tf.float32), op_index)
+
+    branches = {
+        "identity": lambda: image,
+        "affine": lambda: affine(image, argument * parameters("affine", 5), fill, interpolation),
+        "enhance": lambda: enhance(image, argument, *tf.unstack(parameters("enhance", 2))),
+        "sharpness": lambda: sharpness(image, argument),
+        "posterize": lambda: posterize(image, argument),
+        "solarize": lambda: solarize(image, argument),
+        "solarize_add": lambda: solarize_add(image, argument),
+        "auto_contrast": lambda: auto_contrast(image),
+        "equalize": lambda: equalize(image),
+        "invert": lambda: invert(image),
     }
-    if name in geometric:
-        return geometric[name](image, argument, fill, interpolation)
-    with_argument = {
-        "Brightness": brightness, "Color": color, "Contrast": contrast,
-        "Sharpness": sharpness, "Posterize": posterize, "Solarize": solarize,
-        "SolarizeAdd": solarize_add,
-    }
-    if name in with_argument:
-        return with_argument[name](image, argument)
-    without_argument = {
-        "Identity": tf.identity, "AutoContrast": auto_contrast,
-        "Equalize": equalize, "Invert": invert,
-    }
-    return without_argument[name](image)
+    if len(families) == 1:
+        return branches[families[0]]()
+    return tf.switch_case(tf.gather(family_of_op, op_index),
+                          [branches[family] for family in families])
 
 
 def _random_sign(seed):
@@ -283,31 +286,32 @@ class TrivialAugmentWide:
         magnitude_bin = tf.random.stateless_uniform(
             [], bin_seed, 0, self.num_magnitude_bins, tf.int32
         )
-        sign = _random_sign(sign_seed)
-        choices = [
-            tf.constant(values, tf.float32)[tf.minimum(magnitude_bin, len(values) - 1)]
-            * (sign if signed else 1.0)
-            for values, signed in table
-        ]
-        return op_index, tf.gather(tf.stack(choices), op_index)
+        # One row per op: its magnitudes, the single-valued ones repeated.
+        magnitudes = tf.constant(
+            [values * (self.num_magnitude_bins // len(values)) for values, _ in table],
+            tf.float32,
+        )
+        signed = tf.constant([signed for _, signed in table])
+        magnitude = magnitudes[op_index, magnitude_bin]
+        sign = tf.where(signed[op_index], _random_sign(sign_seed), 1.0)
+        return op_index, sign * magnitude
 
     def __call__(self, image, seed):
         op_index, magnitude = self.choose(seed)
-        names = list(self.magnitudes())
-        return tf.switch_case(op_index, [
-            (lambda name=name: _apply_op(
-                name, image, self._argument(name, magnitude), self.fill, self.interpolation
-            ))
-            for name in names
-        ])
+        return self.apply(op_index, magnitude, image)
 
-    @staticmethod
-    def _argument(name, magnitude):
-        if name in ("Brightness", "Color", "Contrast", "Sharpness"):
-            return 1.0 + magnitude
-        if name in ("TranslateX", "TranslateY", "Posterize"):
-            return tf.sign(magnitude) * tf.floor(tf.abs(magnitude))  # torchvision's int().
-        return magnitude
+    def apply(self, op_index, magnitude, image):
+        """Op `op_index` at a signed `magnitude` of its table, as torchvision's
+        `_apply_op`: 1 + magnitude for the blends, int() of pixels and bits."""
+        names = list(self.magnitudes())
+        plus_one = tf.constant([name in ("Brightness", "Color", "Contrast", "Sharpness")
+                                for name in names])
+        truncated = tf.constant([name in ("TranslateX", "TranslateY", "Posterize")
+                                 for name in names])
+        argument = tf.where(plus_one[op_index], 1.0 + magnitude, magnitude)
+        argument = tf.where(truncated[op_index],
+                            tf.sign(argument) * tf.floor(tf.abs(argument)), argument)
+        return apply_op(names, op_index, argument, image, self.fill, self.interpolation)
 
 
 TIMM_RAND_OPS = (
@@ -360,39 +364,46 @@ class RandAugment:
         else:
             level = tf.constant(float(self.magnitude))
         level = tf.clip_by_value(level, 0.0, float(self.magnitude_max))
-        sign = _random_sign(sign_seed)
-        branches = [
-            (lambda name=name: self._apply(name, image, level, sign)) for name in TIMM_RAND_OPS
-        ]
         apply = tf.random.stateless_uniform([], apply_seed) < self.probability
-        return tf.cond(apply, lambda: tf.switch_case(op_index, branches), lambda: image)
+        return tf.cond(
+            apply, lambda: self._apply(op_index, image, level, _random_sign(sign_seed)),
+            lambda: image,
+        )
 
-    def _apply(self, name, image, level, sign):
+    def _arguments(self, image, level, sign):
+        """{timm op name: its argument at `level`}, as timm's `LEVEL_TO_ARG`."""
         fraction = level / TIMM_LEVEL_DENOMINATOR
-        width_height = tf.cast(tf.shape(image)[1::-1], tf.float32)
-        arguments = {
-            "Rotate": lambda: sign * fraction * 30.0,
-            "ShearX": lambda: sign * fraction * 0.3,
-            "ShearY": lambda: sign * fraction * 0.3,
-            "TranslateXRel": lambda: sign * fraction * TIMM_TRANSLATE_FRACTION * width_height[0],
-            "TranslateYRel": lambda: sign * fraction * TIMM_TRANSLATE_FRACTION * width_height[1],
-            "SolarizeAdd": lambda: tf.minimum(128.0, tf.floor(fraction * 110.0)),
-        }
+        height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
         posterize_bits = tf.floor(fraction * 4.0)
         solarize_threshold = tf.minimum(256.0, tf.floor(fraction * 256.0))
         if self.increasing:
-            arguments["Posterize"] = lambda: 4.0 - posterize_bits
-            arguments["Solarize"] = lambda: 256.0 - solarize_threshold
-            enhance = lambda: tf.maximum(0.1, 1.0 + sign * fraction * 0.9)  # noqa: E731
+            posterize_bits = 4.0 - posterize_bits
+            solarize_threshold = 256.0 - solarize_threshold
+            enhance_factor = tf.maximum(0.1, 1.0 + sign * fraction * 0.9)
         else:
-            arguments["Posterize"] = lambda: posterize_bits
-            arguments["Solarize"] = lambda: solarize_threshold
-            enhance = lambda: fraction * 1.8 + 0.1  # noqa: E731
-        for enhancement in ("Color", "Contrast", "Brightness", "Sharpness"):
-            arguments[enhancement] = enhance
-        op_name = {"TranslateXRel": "TranslateX", "TranslateYRel": "TranslateY"}.get(name, name)
-        argument = arguments[name]() if name in arguments else None
-        return _apply_op(op_name, image, argument, self.fill, self.interpolation)
+            enhance_factor = fraction * 1.8 + 0.1
+        return {
+            "AutoContrast": 0.0, "Equalize": 0.0, "Invert": 0.0,
+            "Rotate": sign * fraction * 30.0,
+            "Posterize": posterize_bits,
+            "Solarize": solarize_threshold,
+            "SolarizeAdd": tf.minimum(128.0, tf.floor(fraction * 110.0)),
+            "Color": enhance_factor, "Contrast": enhance_factor,
+            "Brightness": enhance_factor, "Sharpness": enhance_factor,
+            "ShearX": sign * fraction * 0.3, "ShearY": sign * fraction * 0.3,
+            "TranslateXRel": sign * fraction * TIMM_TRANSLATE_FRACTION * width,
+            "TranslateYRel": sign * fraction * TIMM_TRANSLATE_FRACTION * height,
+        }
+
+    def _apply(self, op_index, image, level, sign):
+        """timm's op `op_index` of `TIMM_RAND_OPS` at `level`."""
+        arguments = self._arguments(image, level, sign)
+        argument = tf.gather(tf.stack([
+            tf.convert_to_tensor(arguments[name], tf.float32) for name in TIMM_RAND_OPS
+        ]), op_index)
+        names = [{"TranslateXRel": "TranslateX", "TranslateYRel": "TranslateY"}.get(name, name)
+                 for name in TIMM_RAND_OPS]
+        return apply_op(names, op_index, argument, image, self.fill, self.interpolation)
 
 
 def parse_auto_augment(spec):

@@ -148,13 +148,17 @@ def test_rand_augment_levels_map_to_timms_arguments():
     image = tf.constant(textured_pixels(32, 32), tf.float32)
     policy = augment.RandAugment(magnitude=10, increasing=True)
     level, plus = tf.constant(10.0), tf.constant(1.0)
-    np.testing.assert_array_equal(policy._apply("Solarize", image, level, plus), 255 - image)
-    np.testing.assert_array_equal(policy._apply("Posterize", image, level, plus), 0 * image)
-    brighter = policy._apply("Brightness", image, level, plus)
+
+    def apply(name, image, level):
+        return policy._apply(augment.TIMM_RAND_OPS.index(name), image, level, plus)
+
+    np.testing.assert_array_equal(apply("Solarize", image, level), 255 - image)
+    np.testing.assert_array_equal(apply("Posterize", image, level), 0 * image)
+    brighter = apply("Brightness", image, level)
     np.testing.assert_array_equal(brighter, np.clip(np.round(1.9 * image.numpy()), 0, 255))
     # TranslateXRel: level 5 of 10 moves by 0.45 * 5 / 10 of the width, 9 of 40 px.
     wide = tf.constant(textured_pixels(32, 40), tf.float32)
-    moved = policy._apply("TranslateXRel", wide, tf.constant(5.0), plus).numpy()
+    moved = apply("TranslateXRel", wide, tf.constant(5.0)).numpy()
     np.testing.assert_allclose(moved[:, 9:], wide[:, :-9], atol=1)
     np.testing.assert_allclose(moved[:, :9], np.broadcast_to(FILL, (32, 9, 3)), atol=1)
 
@@ -187,9 +191,9 @@ def test_trivial_augment_wide_ops_match_torchvision(tmp_path):
     theirs = np.load(tmp_path / "theirs.npy").astype(np.float32)
     policy = augment.TrivialAugmentWide()
     image = tf.constant(pixels, tf.float32)
+    names = list(policy.magnitudes())
     for (name, magnitude), expected in zip(cases, theirs):
-        ours = augment._apply_op(name, image, policy._argument(name, tf.constant(magnitude)),
-                                 policy.fill, policy.interpolation).numpy()
+        ours = policy.apply(names.index(name), tf.constant(magnitude), image).numpy()
         difference = np.abs(ours - expected)
         # PIL rounds its blends a little differently: at most one grey level.
         assert difference.max() <= 1 and difference.mean() < 0.5, (name, magnitude)
