@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_resnext.kernels.images import decode_image, preprocess_for_eval
 from keras_resnext.preprocessing import IMAGENET_MEAN_RGB, preprocess_input
-from pipelines.augment import grayscale, random_erasing
+from pipelines.augment import grayscale, parse_auto_augment, random_erasing
 
 __all__ = [
     "AREA_RANGE",
@@ -113,8 +113,9 @@ def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
     stateless random ops; None draws one.
 
     The later recipes' per-image augmentations, off by default: `auto_augment`
-    (a `pipelines.augment` policy, e.g. `parse_auto_augment("rand-m6-mstd0.5-inc1")`)
-    after the resize, and random erasing with `random_erasing_probability` last.
+    ("trivial_augment_wide", a timm string such as "rand-m6-mstd0.5-inc1", or a
+    `pipelines.augment` policy) after the resize, and random erasing with
+    `random_erasing_probability` last.
     """
     return preprocess_input(augment_for_train(
         image_bytes, image_size, seed, color_jitter=color_jitter, pca_lighting=pca_lighting,
@@ -145,6 +146,8 @@ def augment_for_train(image_bytes, image_size=224, seed=None, *,
     if pca_lighting:
         image = random_pca_lighting(image, lighting_seed)
     # Seeds of their own, so that the four above stay what they were.
+    if isinstance(auto_augment, str):
+        auto_augment = parse_auto_augment(auto_augment)
     if auto_augment is not None:
         # Its ops are PIL's on uint8 images: whole values in [0, 255].
         image = tf.clip_by_value(tf.round(image), 0.0, 255.0)

@@ -17,7 +17,7 @@ from PIL import Image
 
 import keras_resnext
 import pipelines
-from pipelines import augment
+from pipelines import augment, imagenet
 from tfrecord_files import write_tfrecords
 
 import tensorflow as tf  # noqa: E402  After keras_resnext, which sets TF's options.
@@ -197,6 +197,18 @@ def test_trivial_augment_wide_ops_match_torchvision(tmp_path):
         difference = np.abs(ours - expected)
         # PIL rounds its blends a little differently: at most one grey level.
         assert difference.max() <= 1 and difference.mean() < 0.5, (name, magnitude)
+
+
+def test_training_view_takes_the_policies_by_name_after_the_crop():
+    data = encode_png(textured_pixels(48, 56))
+    seed = tf.constant([3, 4], tf.int64)
+    plain = imagenet.augment_for_train(data, 32, seed).numpy()
+    for spec in ("trivial_augment_wide", "rand-m9-n3-mstd0.5-p1"):
+        view = imagenet.augment_for_train(data, 32, seed, auto_augment=spec).numpy()
+        assert view.shape == (32, 32, 3) and 0 <= view.min() and view.max() <= 255
+        again = imagenet.augment_for_train(data, 32, seed, auto_augment=spec).numpy()
+        np.testing.assert_array_equal(view, again)
+        assert not np.array_equal(view, np.clip(np.round(plain), 0, 255))
 
 
 # ----------------------------------------------------------------------------
