@@ -228,7 +228,8 @@ def test_random_erasing_erases_one_rectangle_per_image_as_torchvision():
         height, width = np.ptp(rows) + 1, np.ptp(columns) + 1
         assert mask.sum() == height * width  # one solid rectangle
         # torchvision: area 2%-33% of the image, aspect 0.3-3.3, before rounding.
-        assert 0.02 * 48 * 40 - (height + width) <= height * width <= 0.33 * 48 * 40 + height + width
+        rounding = height + width
+        assert 0.02 * 48 * 40 - rounding <= height * width <= 0.33 * 48 * 40 + rounding
         assert 0.3 * width - 1 <= height <= 3.3 * width + 1
         np.testing.assert_array_equal(view[~mask], image.numpy()[~mask])
         boxes.add((rows.min(), columns.min(), height, width))
