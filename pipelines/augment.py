@@ -62,7 +62,12 @@ RANDOM_ERASING_SCALE = (0.02, 0.33)
 RANDOM_ERASING_RATIO = (0.3, 3.3)
 RANDOM_ERASING_ATTEMPTS = 10
 SMOOTH_KERNEL = ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0))  # PIL's SMOOTH.
-MIXING_SEED_STREAM = 1
+# Seeds folded from an element's seed, one stream per use. A batch's mixing
+# seed folds the seed of the element at the same index, so its stream must
+# differ from the per-image ones.
+AUTO_AUGMENT_SEED_STREAM = 1
+RANDOM_ERASING_SEED_STREAM = 2
+MIXING_SEED_STREAM = 3
 
 
 def grayscale(image):

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_resnext.kernels.images import decode_image, preprocess_for_eval
 from keras_resnext.preprocessing import IMAGENET_MEAN_RGB, preprocess_input
-from pipelines.augment import grayscale, parse_auto_augment, random_erasing
+from pipelines import augment
 
 __all__ = [
     "AREA_RANGE",
@@ -147,14 +147,18 @@ def augment_for_train(image_bytes, image_size=224, seed=None, *,
         image = random_pca_lighting(image, lighting_seed)
     # Seeds of their own, so that the four above stay what they were.
     if isinstance(auto_augment, str):
-        auto_augment = parse_auto_augment(auto_augment)
+        auto_augment = augment.parse_auto_augment(auto_augment)
     if auto_augment is not None:
         # Its ops are PIL's on uint8 images: whole values in [0, 255].
         image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-        image = auto_augment(image, tf.random.experimental.stateless_fold_in(seed, 1))
+        image = auto_augment(image, tf.random.experimental.stateless_fold_in(
+            seed, augment.AUTO_AUGMENT_SEED_STREAM
+        ))
     if random_erasing_probability > 0:
-        image = random_erasing(
-            image, tf.random.experimental.stateless_fold_in(seed, 2),
+        image = augment.random_erasing(
+            image, tf.random.experimental.stateless_fold_in(
+                seed, augment.RANDOM_ERASING_SEED_STREAM
+            ),
             random_erasing_probability, ERASING_FILL,
         )
     return tf.ensure_shape(image, [image_size, image_size, 3])
@@ -179,11 +183,11 @@ def random_color_jitter(image, seed, strength=COLOR_JITTER_STRENGTH):
         return x * factors[0]
 
     def contrast(x):
-        mean_gray = tf.reduce_mean(grayscale(x))
+        mean_gray = tf.reduce_mean(augment.grayscale(x))
         return mean_gray + factors[1] * (x - mean_gray)
 
     def saturation(x):
-        gray = grayscale(x)[..., None]
+        gray = augment.grayscale(x)[..., None]
         return gray + factors[2] * (x - gray)
 
     orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
