@@ -41,10 +41,14 @@ from keras_resnext.preprocessing import IMAGENET_MEAN_RGB
 
 __all__ = [
     "GRAYSCALE_WEIGHTS",
+    "OPS",
     "RandAugment",
+    "TrainingAugmentations",
     "TrivialAugmentWide",
+    "apply_op",
     "grayscale",
     "mix_batch",
+    "mixing_seeds",
     "parse_auto_augment",
     "random_erasing",
     "repeated_records",
