@@ -13,6 +13,9 @@ IMAGENET_STAGE_FILTERS = (64, 128, 256, 512)
 CIFAR_STAGE_FILTERS = (64, 128, 256)
 
 STEMS = ("imagenet", "cifar")
+# Pyramid level (log2 of the stride) of the first stage's output: the ImageNet
+# stem divides by 4 (7x7/2 conv, 3x3/2 pool), the CIFAR stem by 1.
+FIRST_STAGE_LEVEL = {"imagenet": 2, "cifar": 0}
 POOLINGS = (None, "avg", "max")
 
 
@@ -53,6 +56,10 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         stem: "imagenet" (7x7/2 conv + 3x3/2 max pool) or "cifar" (3x3 conv).
         include_top, input_shape, input_tensor, pooling, classes,
         classifier_activation: as in `keras.applications`.
+
+    `model.pyramid_outputs` maps "P1" (the ImageNet stem's conv, after its
+    ReLU) and "P2".."P5" (conv2..conv5 outputs) to their KerasTensors, keras-hub's
+    convention; a CIFAR model has "P0".."P2" for its three stages.
     """
 
     def __init__(
@@ -87,12 +94,15 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             )
         inputs, x = _inputs(input_shape, input_tensor, include_top, stem)
 
+        pyramid_outputs = {}
         if stem == "imagenet":
             x = blocks.conv_bn(x, 64, 7, 2, "conv1")
+            pyramid_outputs["P1"] = x
             x = layers.ZeroPadding2D(1, name="pool1_pad")(x)  # zeros never win after ReLU
             x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
         else:
             x = blocks.conv_bn(x, 64, 3, 1, "conv1")
+        first_level = FIRST_STAGE_LEVEL[stem]
         for stage, (num_blocks, filters) in enumerate(zip(stage_depths, stage_filters)):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
@@ -100,6 +110,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
                     x, filters, cardinality, width, stride, block_form,
                     name=f"conv{stage + 2}_block{block + 1}",
                 )
+            pyramid_outputs[f"P{first_level + stage}"] = x
         if include_top:
             x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
             x = layers.Dense(classes, activation=classifier_activation, name="predictions")(x)
@@ -121,6 +132,9 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             keras.activations.get(classifier_activation)
         ) if classifier_activation is not None else None
         self.image_shape = tuple(self.inputs[0].shape[1:])
+        # keras-hub's FeaturePyramidBackbone convention, read by its
+        # RetinaNetBackbone: "P{level}" is the map whose stride is 2**level.
+        self.pyramid_outputs = pyramid_outputs
 
     @property
     def depth(self):
