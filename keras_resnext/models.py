@@ -81,7 +81,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
     `model.pyramid_outputs` maps "P1" (the ImageNet stem's conv, after its
     ReLU) and "P2".."P5" (conv2..conv5 outputs) to their KerasTensors, keras-hub's
     convention; a CIFAR model has "P0".."P2" for its three stages. The names are
-    the undilated strides: with dilation, P4 and P5 keep P3's resolution.
+    the undilated strides: a dilated stage keeps the previous level's resolution.
     """
 
     def __init__(
