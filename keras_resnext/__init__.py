@@ -21,6 +21,7 @@ from keras_resnext.applications import (  # noqa: E402
     ResNeXt152,
     build,
 )
+from keras_resnext.backbones import feature_extractor  # noqa: E402
 from keras_resnext.complexity import bottleneck_width, count_flops  # noqa: E402
 from keras_resnext.models import ResNeXt  # noqa: E402
 from keras_resnext.preprocessing import decode_predictions, preprocess_input  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "build",
     "count_flops",
     "decode_predictions",
+    "feature_extractor",
     "layers",
     "load_weights",
     "preprocess_input",
