@@ -227,7 +227,8 @@ def _load_weights_to_evaluate(model, run):
 def _print_recipe(run, recipe):
     """With --recipe other than paper, one line per setting it changes."""
     if run.recipe != training.PAPER:
-        for line in training.recipe_differences(run.recipe, recipe, training.RECIPES[run.family]):
+        for line in training.recipe_differences(run.recipe, recipe, training.RECIPES[run.family],
+                                                run.recipe_overrides):
             print(line, flush=True)
 
 

@@ -21,6 +21,7 @@ from keras_resnext import training
 DEFAULT_DATASETS = {"imagenet": "imagenette/160px-v2", "cifar": "cifar10"}
 DEFAULT_PRESETS = {"imagenet": "resnext50_32x4d", "cifar": "resnext29_8x64d"}
 
+NO_AUTO_AUGMENT = "none"  # --auto_augment none switches a recipe's policy off
 RUN = "run"  # a field of `Run`
 TRAINING = "training"  # an override for `training.config_from_recipe`
 
@@ -156,8 +157,8 @@ OPTIONS = (
            "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
            "Default 256/224 of --image_size.", bounds=dict(lower_bound=8)),
     Option("auto_augment", "enum", _recipe("auto_augment"),
-           "Per-image augmentation policy after the random crop and flip.",
-           choices=("trivial_augment_wide", "rand-m6-mstd0.5-inc1")),
+           "Per-image augmentation policy after the random crop and flip (none: off).",
+           choices=(NO_AUTO_AUGMENT, "trivial_augment_wide", "rand-m6-mstd0.5-inc1")),
     Option("random_erasing", "float", _recipe("random_erasing"),
            "Probability of erasing a random rectangle of each training image.",
            bounds=dict(lower_bound=0, upper_bound=1)),
@@ -235,11 +236,14 @@ Run = dataclasses.make_dataclass(
     "Run",
     [("family", str)]
     + [(option.name, Optional[object]) for option in _RUN_OPTIONS]
-    + [("training_overrides", dict, dataclasses.field(default_factory=dict))],
+    + [("training_overrides", dict, dataclasses.field(default_factory=dict)),
+       ("recipe_overrides", dict, dataclasses.field(default_factory=dict))],
     frozen=True)
 Run.__module__ = __name__
 Run.__doc__ = ("One invocation of a training CLI, from its flags: the family, the `RUN` "
-               "options, and the `TRAINING` ones as `config_from_recipe` overrides.")
+               "options, the `TRAINING` ones as `config_from_recipe` overrides, and "
+               "`recipe_overrides`: the recipe fields that flags given replace, as "
+               "{field: '--flag value'}.")
 
 
 def run_from(family, values):
@@ -254,16 +258,16 @@ def run_from(family, values):
         **{option.name: resolved[option.name] for option in _RUN_OPTIONS},
         training_overrides={option.setting or option.name: resolved[option.name]
                             for option in _TRAINING_OPTIONS},
+        recipe_overrides={option.default.field: f"--{option.name} {values[option.name].value}"
+                          for option in OPTIONS if isinstance(option.default, FromRecipe)
+                          and getattr(values[option.name], "present", False)},
     )
 
 
 def _value(option, flag, recipe):
     if isinstance(option.default, FromRecipe) and not getattr(flag, "present", False):
         return getattr(recipe, option.default.field)
+    if option.name == "auto_augment" and flag.value == NO_AUTO_AUGMENT:
+        return None
     return flag.value
 
-
-def given_flags(values):
-    """The names of the options given on the command line."""
-    return {option.name for option in OPTIONS
-            if getattr(values[option.name], "present", False)}

@@ -152,9 +152,12 @@ _PAPER_DEFAULTS = {
 _SHOWN_WITH_ANOTHER = ("reference_batch_size", "decay_at", "ema_every_steps", "ema_convention")
 
 
-def recipe_differences(name, recipe, paper):
+def recipe_differences(name, recipe, paper, overrides=None):
     """One line per setting in which `recipe` differs from `paper`, e.g.
-    "recipe torchvision_v2: lr 0.5 per 1024 images (paper: 0.1 per 256)"."""
+    "recipe torchvision_v2: lr 0.5 per 1024 images (paper: 0.1 per 256)".
+    `overrides` maps a `Recipe` field to the flag that replaces it in this
+    run ("--epochs 2"), which its line then names."""
+    overrides = overrides or {}
     lines = []
     for field in dataclasses.fields(Recipe):
         field = field.name
@@ -166,7 +169,10 @@ def recipe_differences(name, recipe, paper):
             # without the words the two share.
             shared = _shared_prefix(mine.split(), theirs.split())
             theirs_rest = " ".join(theirs.split()[shared:]).replace(" images", "")
-            lines.append(f"recipe {name}: {mine} ({PAPER}: {theirs_rest})")
+            line = f"recipe {name}: {mine} ({PAPER}: {theirs_rest})"
+            if field in overrides:
+                line += f"; {overrides[field]} overrides it"
+            lines.append(line)
     return lines
 
 
