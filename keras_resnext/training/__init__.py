@@ -1,9 +1,11 @@
-"""The paper's training recipe (§4) as one distributed custom training loop.
+"""The paper's training recipe (§4), and later published ones, as one
+distributed custom training loop.
 
 TensorFlow only. `import keras_resnext` does not import this package.
 
     errors       UserError, TrainingDiverged: what the CLIs print as one line
-    recipe       Recipe, RECIPES, TrainConfig, the schedule, loss, weight decay, EMA
+    recipe       Recipe, RECIPES, TrainConfig, the schedule, losses, optimizers,
+                 weight decay per parameter group, EMA
     distribute   strategies, workers, cross-replica helpers
     steps        the distributed train and eval steps, one epoch of steps
     checkpoints  saving, restoring and the run settings a resume must keep
