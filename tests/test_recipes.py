@@ -219,9 +219,10 @@ def test_coupled_l2_reaches_each_group_at_its_rate(tmp_path):
 
 
 def test_decoupled_decay_scales_each_group_by_its_rate_under_a_strategy():
+    keras = pytest.importorskip("keras")
     strategy = tf.distribute.MirroredStrategy(["CPU:0"])
-    with strategy.scope():
-        kernel, gamma = tf.Variable([1.0, 2.0]), tf.Variable([3.0])
+    with strategy.scope():  # Keras variables, as a model's
+        kernel, gamma = keras.Variable([1.0, 2.0]), keras.Variable([3.0])
 
     @tf.function
     def step():

@@ -489,7 +489,9 @@ def apply_decoupled_weight_decay(variables, rates, learning_rate):
     replica context before the optimizer's step, as Keras applies its own.
     Each group gets its own rate, which Keras' `exclude_from_weight_decay`
     (all or nothing) can't give."""
-    decayed = [(variable, rate) for variable, rate in zip(variables, rates) if rate]
+    # strategy.extended.update takes TensorFlow's variables, not Keras' wrappers.
+    decayed = [(getattr(variable, "value", variable), rate)
+               for variable, rate in zip(variables, rates) if rate]
     if not decayed:
         return
 
