@@ -114,7 +114,8 @@ OPTIONS = (
            lambda family: ("paper: the paper's recipe (§4)" if family == "imagenet" else
                            "paper: the official CIFAR recipe") + (
                "; torchvision_v2: torchvision's V2 weights' recipe; rsb_a3: timm's ResNet "
-               "strikes back A3. Every flag below overrides the recipe's value."
+               "strikes back A3. A flag given overrides the recipe's value; the defaults "
+               "shown are the paper's."
                if family == "imagenet" else "."),
            choices=_recipe_names),
     Option("batch_size", "integer", _recipe("batch_size"),
