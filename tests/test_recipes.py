@@ -304,7 +304,8 @@ def test_torchvision_adjusts_the_ema_decay_for_batch_interval_and_epochs():
 
 def test_ema_every_n_steps_copies_in_warmup_then_averages(tmp_path):
     """3 steps per epoch, every 2nd step of an epoch, 1 warm-up epoch:
-    steps 0 and 2 copy the weights, steps 3 and 5 average, 1 and 4 skip."""
+    steps 0 and 2 (warm-up) and 3 (the first update after it) copy the
+    weights, 5 and 6 average, 1 and 4 skip."""
     images, labels = colour_images(8)
     cfg = config(tmp_path, batch_size=8, epochs=4, steps_per_epoch=3, ema_decay=0.95,
                  ema_every_steps=2, ema_convention="torchvision", warmup_epochs=1)
@@ -318,12 +319,12 @@ def test_ema_every_n_steps_copies_in_warmup_then_averages(tmp_path):
     loop = training.make_train_loop(model, optimizer, strategy, cfg, ema, steps_per_epoch=3)
     batches = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     expected = [w.numpy().astype("float64") for w in model.weights]
-    for step in range(6):
+    for step in range(7):
         loop(batches, tf.constant(1))
         current = [w.numpy().astype("float64") for w in model.weights]
-        if step in (0, 2):
+        if step in (0, 2, 3):
             expected = current
-        elif step in (3, 5):
+        elif step in (5, 6):
             expected = [decay * e + (1 - decay) * c for e, c in zip(expected, current)]
     for average, wanted in zip(ema, expected):
         np.testing.assert_allclose(average.numpy(), wanted, rtol=1e-5, atol=1e-6)

@@ -530,17 +530,18 @@ def ema_decay_for_step(config, step, steps_per_epoch):
     "tensorflow": every `ema_every_steps`-th step of an epoch, with
     `ema_decay_at(ema_decay, step + 1)`. "torchvision": at steps whose
     index within their epoch is a multiple of `ema_every_steps` (its `i %
-    model_ema_steps == 0`), with `ema_decay_per_update`; the first update, and
-    every update in the warm-up epochs (`epoch < warmup_epochs`), copies the
-    weights (torchvision resets its AveragedModel's count there)."""
+    model_ema_steps == 0`), with `ema_decay_per_update`. The first update, each
+    one in the warm-up epochs (`epoch < warmup_epochs`) and the first one
+    after them copy the weights: torchvision's AveragedModel copies when its
+    count is 0, which it resets after each warm-up update."""
     step = tf.cast(step, tf.int64)
     step_in_epoch = step % steps_per_epoch
     update = tf.equal(step_in_epoch % config.ema_every_steps, 0)
     if config.ema_convention == "tensorflow":
         return ema_decay_at(config.ema_decay, step + 1), update
-    epoch = tf.cast(step // steps_per_epoch, tf.float32)
-    copy = tf.logical_or(tf.equal(step, 0), epoch < config.warmup_epochs)
-    decay = tf.where(copy, 0.0, ema_decay_per_update(config))
+    # The first step of the first epoch after warm-up is always an update.
+    last_copy = math.ceil(config.warmup_epochs) * steps_per_epoch
+    decay = tf.where(step <= last_copy, 0.0, ema_decay_per_update(config))
     return decay, update
 
 
