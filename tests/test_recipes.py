@@ -234,6 +234,38 @@ def test_decoupled_decay_scales_each_group_by_its_rate_under_a_strategy():
     np.testing.assert_array_equal(gamma.numpy(), [3.0])
 
 
+TWO_REPLICA_DECAY = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from keras_resnext import training
+strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+with strategy.scope():
+    kernel, gamma = keras.Variable([1.0, 2.0]), keras.Variable([3.0])
+
+@tf.function
+def step():
+    strategy.run(lambda: training.recipe.apply_decoupled_weight_decay(
+        [kernel, gamma], [0.5, 0.0], tf.constant(0.1)))
+
+step()
+print("KERNEL", [v.numpy().tolist() for v in kernel.value.values])
+print("GAMMA", [v.numpy().tolist() for v in gamma.value.values])
+"""
+
+
+def test_decoupled_decay_is_applied_once_across_two_replicas(python_subprocess):
+    completed = python_subprocess(TWO_REPLICA_DECAY, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in completed.stdout.splitlines()
+                 if line.startswith(("KERNEL", "GAMMA")))
+    kernels, gammas = json.loads(lines["KERNEL"]), json.loads(lines["GAMMA"])
+    for kernel in kernels:  # each replica's copy, decayed once
+        np.testing.assert_allclose(kernel, [0.95, 1.9], rtol=1e-6)
+    assert gammas == [[3.0], [3.0]]
+
+
 # -- losses on soft targets -----------------------------------------------------------
 
 LOGITS = np.array([[2.0, -1.0, 0.5], [0.0, 0.3, -0.2]], "float32")
