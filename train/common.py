@@ -7,6 +7,7 @@ trains, `keras_resnext.export` writes SavedModels.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -245,12 +246,10 @@ def _input_settings(run):
 def _augmentations(run, num_classes):
     """The training pipeline's recipe augmentations, only those switched on, so
     that a pipeline without them is called as before."""
-    chosen = dict(auto_augment=run.auto_augment, random_erasing=run.random_erasing,
-                  mixup_alpha=run.mixup_alpha, cutmix_alpha=run.cutmix_alpha,
-                  repeated_augmentations=run.repeated_augmentations)
-    off = dict(auto_augment=None, random_erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
-               repeated_augmentations=1)
-    arguments = {name: value for name, value in chosen.items() if value != off[name]}
+    names = ("auto_augment", "random_erasing", "mixup_alpha", "cutmix_alpha",
+             "repeated_augmentations")
+    off = {field.name: field.default for field in dataclasses.fields(training.Recipe)}
+    arguments = {name: getattr(run, name) for name in names if getattr(run, name) != off[name]}
     if run.mixup_alpha or run.cutmix_alpha:
         arguments["num_classes"] = num_classes  # labels become mixed one-hot targets
     return arguments

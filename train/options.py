@@ -67,9 +67,6 @@ class FromRecipe:
         return getattr(training.RECIPES[family], self.field)
 
 
-_recipe = FromRecipe
-
-
 def _recipe_names(family):
     return (training.PAPER,) + (training.NAMED_RECIPES if family == "imagenet" else ())
 
@@ -118,67 +115,67 @@ OPTIONS = (
                "shown are the paper's."
                if family == "imagenet" else "."),
            choices=_recipe_names),
-    Option("batch_size", "integer", _recipe("batch_size"),
+    Option("batch_size", "integer", FromRecipe("batch_size"),
            "Global batch size, split across all replicas.", goes_to=BOTH,
            bounds=dict(lower_bound=1)),
-    Option("epochs", "integer", _recipe("epochs"), "Training epochs.", goes_to=(TRAINING,),
+    Option("epochs", "integer", FromRecipe("epochs"), "Training epochs.", goes_to=(TRAINING,),
            bounds=dict(lower_bound=1)),
-    Option("lr", "float", _recipe("learning_rate"),
+    Option("lr", "float", FromRecipe("learning_rate"),
            lambda family: (f"Learning rate for the recipe's reference global batch (paper: "
                            f"{training.RECIPES[family].reference_batch_size}); scaled linearly "
                            "with --batch_size."),
            goes_to=(TRAINING,), setting="base_learning_rate", bounds=dict(lower_bound=0)),
-    Option("optimizer", "enum", _recipe("optimizer"),
+    Option("optimizer", "enum", FromRecipe("optimizer"),
            "sgd (coupled L2 weight decay) or lamb (decoupled weight decay).",
            goes_to=(TRAINING,), choices=training.OPTIMIZERS),
-    Option("momentum", "float", _recipe("momentum"), "SGD momentum.", goes_to=(TRAINING,),
+    Option("momentum", "float", FromRecipe("momentum"), "SGD momentum.", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0, upper_bound=0.999)),
-    Option("nesterov", "boolean", _recipe("nesterov"), "Nesterov momentum, as the official code.",
+    Option("nesterov", "boolean", FromRecipe("nesterov"), "Nesterov momentum, as the official code.",
            goes_to=(TRAINING,)),
-    Option("weight_decay", "float", _recipe("weight_decay"),
+    Option("weight_decay", "float", FromRecipe("weight_decay"),
            "Weight decay: for SGD coupled L2 added to every parameter's gradient, for LAMB "
            "decoupled.", goes_to=(TRAINING,), bounds=dict(lower_bound=0)),
-    Option("norm_weight_decay", "float", _recipe("norm_weight_decay"),
+    Option("norm_weight_decay", "float", FromRecipe("norm_weight_decay"),
            "Weight decay of BN gammas and betas (default: --weight_decay).",
            goes_to=(TRAINING,), bounds=dict(lower_bound=0)),
-    Option("bias_weight_decay", "float", _recipe("bias_weight_decay"),
+    Option("bias_weight_decay", "float", FromRecipe("bias_weight_decay"),
            "Weight decay of other layers' biases, e.g. the classifier's (default: "
            "--weight_decay).", goes_to=(TRAINING,), bounds=dict(lower_bound=0)),
-    Option("loss", "enum", _recipe("loss"),
+    Option("loss", "enum", FromRecipe("loss"),
            "softmax: softmax cross-entropy; bce: per-class binary cross-entropy (timm).",
            goes_to=(TRAINING,), choices=training.LOSSES),
     Option("image_size", "integer",
            lambda family: kr.applications.eval_transform(family)[0],
            "Evaluation crop size, and the training crop size unless --train_image_size.",
            bounds=dict(lower_bound=8)),
-    Option("train_image_size", "integer", _recipe("train_image_size"),
+    Option("train_image_size", "integer", FromRecipe("train_image_size"),
            "Training crop size, if not --image_size (e.g. 176 for torchvision's V2 recipe).",
            bounds=dict(lower_bound=8)),
-    Option("resize_size", "integer", _recipe("resize_size"),
+    Option("resize_size", "integer", FromRecipe("resize_size"),
            "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
            "Default 256/224 of --image_size.", bounds=dict(lower_bound=8)),
-    Option("auto_augment", "enum", _recipe("auto_augment"),
+    Option("auto_augment", "enum", FromRecipe("auto_augment"),
            "Per-image augmentation policy after the random crop and flip (none: off).",
            choices=(NO_AUTO_AUGMENT, "trivial_augment_wide", "rand-m6-mstd0.5-inc1")),
-    Option("random_erasing", "float", _recipe("random_erasing"),
+    Option("random_erasing", "float", FromRecipe("random_erasing"),
            "Probability of erasing a random rectangle of each training image.",
            bounds=dict(lower_bound=0, upper_bound=1)),
-    Option("mixup_alpha", "float", _recipe("mixup_alpha"),
+    Option("mixup_alpha", "float", FromRecipe("mixup_alpha"),
            "Mixup's Beta(alpha, alpha); with --cutmix_alpha, one of the two per batch.",
            bounds=dict(lower_bound=0)),
-    Option("cutmix_alpha", "float", _recipe("cutmix_alpha"), "CutMix's Beta(alpha, alpha).",
+    Option("cutmix_alpha", "float", FromRecipe("cutmix_alpha"), "CutMix's Beta(alpha, alpha).",
            bounds=dict(lower_bound=0)),
-    Option("repeated_augmentations", "integer", _recipe("repeated_augmentations"),
+    Option("repeated_augmentations", "integer", FromRecipe("repeated_augmentations"),
            "Each training image this many times per epoch, differently augmented "
            "(torchvision's RASampler).", bounds=dict(lower_bound=1)),
-    Option("warmup_epochs", "float", _recipe("warmup_epochs"),
+    Option("warmup_epochs", "float", FromRecipe("warmup_epochs"),
            "Linear learning-rate warmup (large batches).", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0)),
-    Option("warmup_start_factor", "float", _recipe("warmup_start_factor"),
+    Option("warmup_start_factor", "float", FromRecipe("warmup_start_factor"),
            "The warmup's first learning rate as a fraction of the peak (default: "
            "peak / warmup steps).", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0, upper_bound=1)),
-    Option("label_smoothing", "float", _recipe("label_smoothing"), "Label smoothing.",
+    Option("label_smoothing", "float", FromRecipe("label_smoothing"), "Label smoothing.",
            goes_to=(TRAINING,), bounds=dict(lower_bound=0, upper_bound=0.99)),
     Option("mixed_precision", "enum", _config_default("mixed_precision"),
            "Compute dtype: float16 (with loss scaling) or bfloat16.", goes_to=(TRAINING,),
@@ -207,16 +204,16 @@ OPTIONS = (
            bounds=dict(lower_bound=0)),
     Option("seed", "integer", _config_default("seed"), "Random seed.", goes_to=BOTH),
     Option("deterministic", "boolean", False, "Reproducible input order and augmentation."),
-    Option("lr_schedule", "enum", _recipe("lr_schedule"),
+    Option("lr_schedule", "enum", FromRecipe("lr_schedule"),
            "step: /10 at the recipe's epochs (§4); cosine: cosine decay.", goes_to=(TRAINING,),
            choices=training.LR_SCHEDULES),
-    Option("ema_decay", "float", _recipe("ema_decay"),
+    Option("ema_decay", "float", FromRecipe("ema_decay"),
            "Keep an exponential moving average of the weights with this decay (e.g. 0.9999) "
            "and evaluate/export it.", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0, upper_bound=0.999999)),
-    Option("ema_every_steps", "integer", _recipe("ema_every_steps"),
+    Option("ema_every_steps", "integer", FromRecipe("ema_every_steps"),
            "Update the EMA every N steps.", goes_to=(TRAINING,), bounds=dict(lower_bound=1)),
-    Option("ema_convention", "enum", _recipe("ema_convention"),
+    Option("ema_convention", "enum", FromRecipe("ema_convention"),
            "tensorflow: --ema_decay per update, warming up as tf.train.ExponentialMovingAverage; "
            "torchvision: adjusted for batch, interval and epochs, copying the weights during "
            "warmup, as torchvision's references.", goes_to=(TRAINING,),
