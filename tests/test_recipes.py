@@ -19,7 +19,7 @@ import pytest
 import keras_resnext as kr
 from conftest import REPO_ROOT
 from image_folder import write_image_folder
-from test_training import colour_images, config, data, split  # noqa: F401 (data: fixture)
+from test_training import colour_images, config, data  # noqa: F401 (data: a fixture)
 
 tf = pytest.importorskip("tensorflow")
 training = pytest.importorskip("keras_resnext.training")
