@@ -7,6 +7,7 @@ trains, `keras_resnext.export` writes SavedModels.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -141,6 +142,7 @@ def _execute(run):
     class_names = list(val_info.class_names)
     preprocessing = run.preprocessing or val_info.preprocessing
     resize_size = _eval_resize_size(run, preprocessing)
+    recipe = training.recipe_named(run.family, run.recipe)
 
     def model_fn():
         with _as_user_errors():
@@ -149,8 +151,9 @@ def _execute(run):
                 _load_initial_weights(model, run.weights)
         return model
 
-    val_split = training.InputSplit(_dataset_fn(run, "val", preprocessing, resize_size),
-                                    val_info.num_examples, source=run.dataset)
+    val_split = training.InputSplit(
+        _dataset_fn(run, "val", preprocessing, resize_size, len(class_names)),
+        val_info.num_examples, source=run.dataset)
     if run.eval_only:
         with strategy.scope():
             with _as_user_errors():
@@ -165,9 +168,13 @@ def _execute(run):
             with open(os.path.join(run.model_dir, "eval_metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
     else:
-        config = training.config_from_recipe(run.family, run.model_dir, **run.training_overrides)
-        train_split = training.InputSplit(_dataset_fn(run, "train", preprocessing, resize_size),
-                                          train_info.num_examples, source=run.dataset)
+        config = training.config_from_recipe(
+            recipe, run.model_dir, input_settings=tuple(_input_settings(run).items()),
+            **run.training_overrides)
+        train_split = training.InputSplit(
+            _dataset_fn(run, "train", preprocessing, resize_size, len(class_names)),
+            train_info.num_examples, source=run.dataset)
+        _print_recipe(run, recipe)
         _print_run(run, config, train_info, val_info, strategy)
         result = training.train(model_fn, train_split, val_split, config, strategy)
         metrics, model = result.metrics, result.model
@@ -218,6 +225,36 @@ def _load_weights_to_evaluate(model, run):
     return run.weights
 
 
+def _print_recipe(run, recipe):
+    """With --recipe other than paper, one line per setting it changes."""
+    if run.recipe != training.PAPER:
+        for line in training.recipe_differences(run.recipe, recipe, training.RECIPES[run.family],
+                                                run.recipe_overrides):
+            print(line, flush=True)
+
+
+def _train_image_size(run):
+    return run.train_image_size or run.image_size
+
+
+def _input_settings(run):
+    """The input pipeline's recipe settings in effect, which a resume must keep."""
+    return {name: _train_image_size(run) if name == "train_image_size" else getattr(run, name)
+            for name in training.INPUT_SETTINGS}
+
+
+def _augmentations(run, num_classes):
+    """The training pipeline's recipe augmentations, only those switched on, so
+    that a pipeline without them is called as before."""
+    names = ("auto_augment", "random_erasing", "mixup_alpha", "cutmix_alpha",
+             "repeated_augmentations")
+    off = {field.name: field.default for field in dataclasses.fields(training.Recipe)}
+    arguments = {name: getattr(run, name) for name in names if getattr(run, name) != off[name]}
+    if run.mixup_alpha or run.cutmix_alpha:
+        arguments["num_classes"] = num_classes  # labels become mixed one-hot targets
+    return arguments
+
+
 def _print_run(run, config, train_info, val_info, strategy):
     print(
         f"{run.dataset}: {train_info.num_examples} train / {val_info.num_examples} val images, "
@@ -241,25 +278,32 @@ def _describe(run, split):
         tfrecord_num_classes=run.tfrecord_num_classes)
 
 
-def _dataset_fn(run, split, preprocessing, resize_size):
+def _dataset_fn(run, split, preprocessing, resize_size, num_classes):
+    training_split = split == "train"
+    augmentations = _augmentations(run, num_classes) if training_split else {}
+
     def dataset_fn(per_replica_batch_size, input_context):
         return pipelines.build_dataset(
-            run.dataset, split, per_replica_batch_size, training=split == "train",
-            image_size=run.image_size, resize_size=resize_size, preprocessing=preprocessing,
+            run.dataset, split, per_replica_batch_size, training=training_split,
+            image_size=_train_image_size(run) if training_split else run.image_size,
+            resize_size=resize_size, preprocessing=preprocessing,
             data_dir=run.data_dir, manual_dir=run.manual_dir,
             tfrecord_label_offset=run.tfrecord_label_offset,
             tfrecord_num_classes=run.tfrecord_num_classes,
             deterministic=run.deterministic, seed=run.seed, input_context=input_context,
+            **augmentations,
         )
 
     return dataset_fn
 
 
 def build_model(run, num_classes):
-    """The network `run` names, with a logits head of `num_classes`."""
+    """The network `run` names, with a logits head of `num_classes`; any input
+    size when training and evaluation crops differ."""
     builder, architecture = _architecture(run)
+    side = run.image_size if _train_image_size(run) == run.image_size else None
     return builder(**architecture, classes=num_classes,
-                   input_shape=(run.image_size, run.image_size, 3), classifier_activation=None)
+                   input_shape=(side, side, 3), classifier_activation=None)
 
 
 def _architecture(run):

@@ -1,12 +1,15 @@
-"""Train or evaluate a ResNeXt with the paper's ImageNet recipe (§4).
+"""Train or evaluate a ResNeXt with the paper's ImageNet recipe (§4), or a
+later published one (--recipe torchvision_v2 | rsb_a3; see the README).
 
     python train/imagenet.py --model_dir runs/r50 --strategy mirrored
+    python train/imagenet.py --recipe torchvision_v2 --model_dir runs/r50_v2
     python train/imagenet.py --dataset imagenet2012 --manual_dir ~/ilsvrc --model_dir runs/x
     python train/imagenet.py --eval_only --weights r50.weights.h5 --dataset folder:/data/in1k
 
 SGD with Nesterov momentum 0.9, batch 256 at lr 0.1 (scaled linearly with
 the batch), coupled weight decay 1e-4, 100 epochs with lr /10 at 30, 60 and
-90. Without --dataset it trains on TFDS imagenette/160px-v2. See --helpfull.
+90 (the default --recipe paper). Every flag overrides the recipe's value.
+Without --dataset it trains on TFDS imagenette/160px-v2. See --helpfull.
 """
 
 import os

@@ -6,6 +6,10 @@ field of `Run`, a `training.config_from_recipe` override, or both.
 `train/common.py` defines the flags from `OPTIONS`; `Run` and `run_from_flags`
 follow from it too. The training options' defaults are the recipe's values
 (`training.RECIPES`) or, where a recipe says nothing, `TrainConfig`'s.
+
+`--recipe` picks the recipe (default "paper", the family's own): an option
+whose default is `FromRecipe(field)` shows the paper's value in --help and,
+unless given on the command line, takes the chosen recipe's.
 """
 
 import dataclasses
@@ -17,6 +21,7 @@ from keras_resnext import training
 DEFAULT_DATASETS = {"imagenet": "imagenette/160px-v2", "cifar": "cifar10"}
 DEFAULT_PRESETS = {"imagenet": "resnext50_32x4d", "cifar": "resnext29_8x64d"}
 
+NO_AUTO_AUGMENT = "none"  # --auto_augment none switches a recipe's policy off
 RUN = "run"  # a field of `Run`
 TRAINING = "training"  # an override for `training.config_from_recipe`
 
@@ -35,7 +40,7 @@ class Option:
     help: Union[str, Callable]
     goes_to: tuple = (RUN,)
     setting: Optional[str] = None
-    choices: tuple = ()
+    choices: Union[tuple, Callable] = ()
     bounds: dict = dataclasses.field(default_factory=dict)
 
     def flag_arguments(self, family):
@@ -43,7 +48,7 @@ class Option:
         arguments = dict(name=self.name, default=_for(self.default, family),
                          help=_for(self.help, family), **self.bounds)
         if self.kind == "enum":
-            arguments["enum_values"] = list(self.choices)
+            arguments["enum_values"] = list(_for(self.choices, family))
         return arguments
 
 
@@ -51,9 +56,19 @@ def _for(value, family):
     return value(family) if callable(value) else value
 
 
-def _recipe(field):
-    """The family's recipe value of `field`."""
-    return lambda family: getattr(training.RECIPES[family], field)
+@dataclasses.dataclass(frozen=True)
+class FromRecipe:
+    """A default taken from the recipe's `field`: called with a family, the
+    paper recipe's value (what --help shows)."""
+
+    field: str
+
+    def __call__(self, family):
+        return getattr(training.RECIPES[family], self.field)
+
+
+def _recipe_names(family):
+    return (training.PAPER,) + (training.NAMED_RECIPES if family == "imagenet" else ())
 
 
 def _config_default(field):
@@ -92,33 +107,75 @@ OPTIONS = (
     Option("model_dir", "string", None, "Checkpoints, logs, CSV and metrics.json go here; "
            "rerunning the same command resumes from it."),
     # The recipe
-    Option("batch_size", "integer", _recipe("batch_size"),
+    Option("recipe", "enum", training.PAPER,
+           lambda family: ("paper: the paper's recipe (§4)" if family == "imagenet" else
+                           "paper: the official CIFAR recipe") + (
+               "; torchvision_v2: torchvision's V2 weights' recipe; rsb_a3: timm's ResNet "
+               "strikes back A3. A flag given overrides the recipe's value; the defaults "
+               "shown are the paper's."
+               if family == "imagenet" else "."),
+           choices=_recipe_names),
+    Option("batch_size", "integer", FromRecipe("batch_size"),
            "Global batch size, split across all replicas.", goes_to=BOTH,
            bounds=dict(lower_bound=1)),
-    Option("epochs", "integer", _recipe("epochs"), "Training epochs.", goes_to=(TRAINING,),
+    Option("epochs", "integer", FromRecipe("epochs"), "Training epochs.", goes_to=(TRAINING,),
            bounds=dict(lower_bound=1)),
-    Option("lr", "float", _recipe("learning_rate"),
-           lambda family: (f"Learning rate for a global batch of "
-                           f"{training.RECIPES[family].reference_batch_size}; scaled linearly "
+    Option("lr", "float", FromRecipe("learning_rate"),
+           lambda family: (f"Learning rate for the recipe's reference global batch (paper: "
+                           f"{training.RECIPES[family].reference_batch_size}); scaled linearly "
                            "with --batch_size."),
            goes_to=(TRAINING,), setting="base_learning_rate", bounds=dict(lower_bound=0)),
-    Option("momentum", "float", _recipe("momentum"), "SGD momentum.", goes_to=(TRAINING,),
+    Option("optimizer", "enum", FromRecipe("optimizer"),
+           "sgd (coupled L2 weight decay) or lamb (decoupled weight decay).",
+           goes_to=(TRAINING,), choices=training.OPTIMIZERS),
+    Option("momentum", "float", FromRecipe("momentum"), "SGD momentum.", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0, upper_bound=0.999)),
-    Option("nesterov", "boolean", _recipe("nesterov"), "Nesterov momentum, as the official code.",
+    Option("nesterov", "boolean", FromRecipe("nesterov"), "Nesterov momentum, as the official code.",
            goes_to=(TRAINING,)),
-    Option("weight_decay", "float", _recipe("weight_decay"),
-           "Coupled L2 added to every parameter's gradient.", goes_to=(TRAINING,),
-           bounds=dict(lower_bound=0)),
+    Option("weight_decay", "float", FromRecipe("weight_decay"),
+           "Weight decay: for SGD coupled L2 added to every parameter's gradient, for LAMB "
+           "decoupled.", goes_to=(TRAINING,), bounds=dict(lower_bound=0)),
+    Option("norm_weight_decay", "float", FromRecipe("norm_weight_decay"),
+           "Weight decay of BN gammas and betas (default: --weight_decay).",
+           goes_to=(TRAINING,), bounds=dict(lower_bound=0)),
+    Option("bias_weight_decay", "float", FromRecipe("bias_weight_decay"),
+           "Weight decay of other layers' biases, e.g. the classifier's (default: "
+           "--weight_decay).", goes_to=(TRAINING,), bounds=dict(lower_bound=0)),
+    Option("loss", "enum", FromRecipe("loss"),
+           "softmax: softmax cross-entropy; bce: per-class binary cross-entropy (timm).",
+           goes_to=(TRAINING,), choices=training.LOSSES),
     Option("image_size", "integer",
            lambda family: kr.applications.eval_transform(family)[0],
-           "Training and evaluation crop size.", bounds=dict(lower_bound=8)),
-    Option("resize_size", "integer", None,
+           "Evaluation crop size, and the training crop size unless --train_image_size.",
+           bounds=dict(lower_bound=8)),
+    Option("train_image_size", "integer", FromRecipe("train_image_size"),
+           "Training crop size, if not --image_size (e.g. 176 for torchvision's V2 recipe).",
+           bounds=dict(lower_bound=8)),
+    Option("resize_size", "integer", FromRecipe("resize_size"),
            "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
            "Default 256/224 of --image_size.", bounds=dict(lower_bound=8)),
-    Option("warmup_epochs", "float", _config_default("warmup_epochs"),
+    Option("auto_augment", "enum", FromRecipe("auto_augment"),
+           "Per-image augmentation policy after the random crop and flip (none: off).",
+           choices=(NO_AUTO_AUGMENT, "trivial_augment_wide", "rand-m6-mstd0.5-inc1")),
+    Option("random_erasing", "float", FromRecipe("random_erasing"),
+           "Probability of erasing a random rectangle of each training image.",
+           bounds=dict(lower_bound=0, upper_bound=1)),
+    Option("mixup_alpha", "float", FromRecipe("mixup_alpha"),
+           "Mixup's Beta(alpha, alpha); with --cutmix_alpha, one of the two per batch.",
+           bounds=dict(lower_bound=0)),
+    Option("cutmix_alpha", "float", FromRecipe("cutmix_alpha"), "CutMix's Beta(alpha, alpha).",
+           bounds=dict(lower_bound=0)),
+    Option("repeated_augmentations", "integer", FromRecipe("repeated_augmentations"),
+           "Each training image this many times per epoch, differently augmented "
+           "(torchvision's RASampler).", bounds=dict(lower_bound=1)),
+    Option("warmup_epochs", "float", FromRecipe("warmup_epochs"),
            "Linear learning-rate warmup (large batches).", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0)),
-    Option("label_smoothing", "float", _config_default("label_smoothing"), "Label smoothing.",
+    Option("warmup_start_factor", "float", FromRecipe("warmup_start_factor"),
+           "The warmup's first learning rate as a fraction of the peak (default: "
+           "peak / warmup steps).", goes_to=(TRAINING,),
+           bounds=dict(lower_bound=0, upper_bound=1)),
+    Option("label_smoothing", "float", FromRecipe("label_smoothing"), "Label smoothing.",
            goes_to=(TRAINING,), bounds=dict(lower_bound=0, upper_bound=0.99)),
     Option("mixed_precision", "enum", _config_default("mixed_precision"),
            "Compute dtype: float16 (with loss scaling) or bfloat16.", goes_to=(TRAINING,),
@@ -147,13 +204,20 @@ OPTIONS = (
            bounds=dict(lower_bound=0)),
     Option("seed", "integer", _config_default("seed"), "Random seed.", goes_to=BOTH),
     Option("deterministic", "boolean", False, "Reproducible input order and augmentation."),
-    Option("lr_schedule", "enum", _config_default("lr_schedule"),
+    Option("lr_schedule", "enum", FromRecipe("lr_schedule"),
            "step: /10 at the recipe's epochs (§4); cosine: cosine decay.", goes_to=(TRAINING,),
            choices=training.LR_SCHEDULES),
-    Option("ema_decay", "float", _config_default("ema_decay"),
+    Option("ema_decay", "float", FromRecipe("ema_decay"),
            "Keep an exponential moving average of the weights with this decay (e.g. 0.9999) "
            "and evaluate/export it.", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0, upper_bound=0.999999)),
+    Option("ema_every_steps", "integer", FromRecipe("ema_every_steps"),
+           "Update the EMA every N steps.", goes_to=(TRAINING,), bounds=dict(lower_bound=1)),
+    Option("ema_convention", "enum", FromRecipe("ema_convention"),
+           "tensorflow: --ema_decay per update, warming up as tf.train.ExponentialMovingAverage; "
+           "torchvision: adjusted for batch, interval and epochs, copying the weights during "
+           "warmup, as torchvision's references.", goes_to=(TRAINING,),
+           choices=training.EMA_CONVENTIONS),
     Option("eval_only", "boolean", False,
            "Evaluate on the val split (top-1/top-5): --weights (a weights file or a checkpoint "
            "folder), else the latest checkpoint in --model_dir."),
@@ -170,18 +234,38 @@ Run = dataclasses.make_dataclass(
     "Run",
     [("family", str)]
     + [(option.name, Optional[object]) for option in _RUN_OPTIONS]
-    + [("training_overrides", dict, dataclasses.field(default_factory=dict))],
+    + [("training_overrides", dict, dataclasses.field(default_factory=dict)),
+       ("recipe_overrides", dict, dataclasses.field(default_factory=dict))],
     frozen=True)
 Run.__module__ = __name__
 Run.__doc__ = ("One invocation of a training CLI, from its flags: the family, the `RUN` "
-               "options, and the `TRAINING` ones as `config_from_recipe` overrides.")
+               "options, the `TRAINING` ones as `config_from_recipe` overrides, and "
+               "`recipe_overrides`: the recipe fields that flags given replace, as "
+               "{field: '--flag value'}.")
 
 
 def run_from(family, values):
-    """The `Run` that parsed flag `values` (absl's FLAGS) describe."""
+    """The `Run` that parsed flag `values` (absl's FLAGS) describe: each
+    `FromRecipe` option not given on the command line takes the recipe's
+    value."""
+    recipe = training.recipe_named(family, values["recipe"].value if "recipe" in values
+                                   else training.PAPER)
+    resolved = {option.name: _value(option, values[option.name], recipe) for option in OPTIONS}
     return Run(
         family=family,
-        **{option.name: values[option.name].value for option in _RUN_OPTIONS},
-        training_overrides={option.setting or option.name: values[option.name].value
+        **{option.name: resolved[option.name] for option in _RUN_OPTIONS},
+        training_overrides={option.setting or option.name: resolved[option.name]
                             for option in _TRAINING_OPTIONS},
+        recipe_overrides={option.default.field: f"--{option.name} {values[option.name].value}"
+                          for option in OPTIONS if isinstance(option.default, FromRecipe)
+                          and getattr(values[option.name], "present", False)},
     )
+
+
+def _value(option, flag, recipe):
+    if isinstance(option.default, FromRecipe) and not getattr(flag, "present", False):
+        return getattr(recipe, option.default.field)
+    if option.name == "auto_augment" and flag.value == NO_AUTO_AUGMENT:
+        return None
+    return flag.value
+

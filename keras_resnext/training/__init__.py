@@ -1,9 +1,11 @@
-"""The paper's training recipe (§4) as one distributed custom training loop.
+"""The paper's training recipe (§4), and later published ones, as one
+distributed custom training loop.
 
 TensorFlow only. `import keras_resnext` does not import this package.
 
     errors       UserError, TrainingDiverged: what the CLIs print as one line
-    recipe       Recipe, RECIPES, TrainConfig, the schedule, loss, weight decay, EMA
+    recipe       Recipe, RECIPES, TrainConfig, the schedule, losses, optimizers,
+                 weight decay per parameter group, EMA
     distribute   strategies, workers, cross-replica helpers
     steps        the distributed train and eval steps, one epoch of steps
     checkpoints  saving, restoring and the run settings a resume must keep
@@ -19,8 +21,10 @@ from keras_resnext.training.distribute import (
 from keras_resnext.training.errors import TrainingDiverged, UserError, first_line
 from keras_resnext.training.loop import InputSplit, TrainResult, evaluate_model, train
 from keras_resnext.training.recipe import (
-    LR_SCHEDULES, MIXED_PRECISION_POLICIES, RECIPES, Recipe, RecipeSchedule, TrainConfig,
-    add_weight_decay, build_optimizer, config_from_recipe, ema_decay_at, per_example_loss)
+    EMA_CONVENTIONS, INPUT_SETTINGS, LOSSES, LR_SCHEDULES, MIXED_PRECISION_POLICIES,
+    NAMED_RECIPES, OPTIMIZERS, PAPER, RECIPES, Recipe, RecipeSchedule, TrainConfig,
+    add_weight_decay, build_optimizer, config_from_recipe, ema_decay_at, ema_decay_per_update,
+    per_example_loss, recipe_differences, recipe_named, weight_decay_rates)
 from keras_resnext.training.run_dir import (
     CSV_COLUMNS, CSV_LOG_NAME, EXPORT_RECORD_NAME, LOCK_NAME, METRICS_NAME, ModelDirLock,
     export_once, write_metrics)
@@ -30,6 +34,8 @@ from keras_resnext.training.steps import make_evaluate, make_train_loop
 Split = InputSplit
 
 __all__ = [
+    "EMA_CONVENTIONS", "INPUT_SETTINGS", "LOSSES", "NAMED_RECIPES", "OPTIMIZERS", "PAPER",
+    "ema_decay_per_update", "recipe_differences", "recipe_named", "weight_decay_rates",
     "CHECKPOINT_SUBDIR", "CSV_COLUMNS", "CSV_LOG_NAME", "EXPORT_RECORD_NAME", "LOCK_NAME",
     "LR_SCHEDULES", "METRICS_NAME", "MIXED_PRECISION_POLICIES", "RECIPES", "RUN_SETTINGS",
     "STRATEGIES", "InputSplit", "ModelDirLock", "Recipe", "RecipeSchedule", "Split",

@@ -19,9 +19,12 @@ CHECKPOINT_SUBDIR = "checkpoints"
 # would continue one run under another's recipe (a 100x learning-rate jump for
 # steps_per_epoch, say), so the checkpoint records them and a resume must
 # match. More --epochs is not among them: extending a run is resuming it.
+# The input pipeline's recipe settings (TrainConfig.input_settings) join them.
 RUN_SETTINGS = ("batch_size", "steps_per_epoch", "learning_rate", "lr_schedule",
                 "lr_decay_rate", "warmup_epochs", "weight_decay", "momentum", "nesterov",
-                "label_smoothing", "mixed_precision", "ema_decay")
+                "label_smoothing", "mixed_precision", "ema_decay", "optimizer", "loss",
+                "warmup_start_factor", "norm_weight_decay", "bias_weight_decay",
+                "ema_every_steps", "ema_convention")
 SETTING_FLAGS = {"learning_rate": "--lr (the peak learning rate)",
                  "steps_per_epoch": "--steps_per_epoch (given, or training examples // batch)"}
 
@@ -99,7 +102,7 @@ def _checkpoints_newest_first(directory):
 
 def run_settings(config, steps_per_epoch):
     values = dict(dataclasses.asdict(config), steps_per_epoch=steps_per_epoch)
-    return {name: values[name] for name in RUN_SETTINGS}
+    return dict({name: values[name] for name in RUN_SETTINGS}, **dict(config.input_settings))
 
 
 def _check_run_settings(path, run_settings):
@@ -110,7 +113,7 @@ def _check_run_settings(path, run_settings):
     if not reader.has_tensor(key):
         return
     recorded = json.loads(reader.get_tensor(key))
-    for name in RUN_SETTINGS:
+    for name in run_settings:
         if name in recorded and recorded[name] != run_settings[name]:
             flag = SETTING_FLAGS.get(name, f"--{name}")
             raise UserError(

@@ -164,7 +164,7 @@ class _TrainingRun:
             run_dir.truncate_csv_log(self.csv_path, self.start_epoch)
             self.writers = run_dir.create_summary_writers(config.model_dir)
         train_loop = make_train_loop(self.model, self.optimizer, strategy, config,
-                                     self.ema_weights)
+                                     self.ema_weights, self.steps_per_epoch)
         average_local_state = make_average_local_state(strategy, self._local_state())
         self.evaluate = make_evaluate(
             self.model, strategy,

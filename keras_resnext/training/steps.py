@@ -11,49 +11,77 @@ import tensorflow as tf
 from keras_resnext.kernels import tf_ops
 from keras_resnext.training.distribute import distribute_split
 from keras_resnext.training.errors import UserError, diverged
-from keras_resnext.training.recipe import add_weight_decay, ema_decay_at, per_example_loss
+from keras_resnext.training.recipe import (
+    add_weight_decay, apply_decoupled_weight_decay, ema_decay_for_step, hard_labels,
+    per_example_loss, weight_decay_rates)
 
 
-def make_train_loop(model, optimizer, strategy, config, ema_weights=None):
+def make_train_loop(model, optimizer, strategy, config, ema_weights=None,
+                    steps_per_epoch=None):
     """A `tf.function(iterator, num_steps)` that runs `num_steps` training
     steps on `strategy` and returns the float32 sums
     `[loss, correct top-1, examples]` over them.
 
-    Each replica's loss is its examples' summed cross-entropy over the
-    global batch, so the replicas' gradients sum to the global mean; the
-    optimizer all-reduces (sums) them. Coupled L2 is added per replica as
-    `weight_decay / num_replicas * variable`, so that sum adds exactly
-    `weight_decay * variable`.
+    Labels are class ids or soft targets (mixup/cutmix); top-1 counts the
+    argmax of a soft target. Each replica's loss is its examples' summed
+    loss over the global batch, so the replicas' gradients sum to the global
+    mean; the optimizer all-reduces (sums) them. SGD's coupled L2 is added
+    per replica as `rate / num_replicas * variable`, so that sum adds exactly
+    `rate * variable`, each parameter group at its own rate (see
+    `weight_decay_rates`); LAMB's decay is decoupled. The EMA is updated as
+    `config.ema_convention` says, which needs the epoch's `steps_per_epoch`.
     """
     num_replicas = strategy.num_replicas_in_sync
     num_classes = model.output_shape[-1]
     variables = model.trainable_variables
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     model_weights = model.weights
+    rates = weight_decay_rates(model, config)
+    decoupled = config.optimizer != "sgd"
+    steps_per_epoch = steps_per_epoch or config.steps_per_epoch or 1
+    every_step_ema = config.ema_convention == "tensorflow" and config.ema_every_steps == 1
+
+    def coupled_decay(gradients):
+        # scale_loss(x) is x times the current loss scale (x itself without
+        # loss scaling), so the decay stays in step with the scaled gradient.
+        if all(rate == config.weight_decay for rate in rates):
+            return add_weight_decay(
+                gradients, variables, optimizer.scale_loss(config.weight_decay / num_replicas))
+        scaled = {rate: optimizer.scale_loss(rate / num_replicas) for rate in set(rates)}
+        return add_weight_decay(gradients, variables, [scaled[rate] for rate in rates])
+
+    def update_ema(step):
+        if every_step_ema:  # the original rule, kept to the bit
+            decay = ema_decay_for_step(config, step, steps_per_epoch)[0]
+            for average, weight in zip(ema_weights, model_weights):
+                value = tf.cast(weight.value, average.dtype)
+                average.assign(decay * average + (1.0 - decay) * value)
+            return
+        decay, update = ema_decay_for_step(config, step, steps_per_epoch)
+        for average, weight in zip(ema_weights, model_weights):
+            value = tf.cast(weight.value, average.dtype)
+            average.assign(tf.where(update, decay * average + (1.0 - decay) * value, average))
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            losses = per_example_loss(labels, logits, num_classes, config.label_smoothing)
+            losses = per_example_loss(labels, logits, num_classes, config.label_smoothing,
+                                      config.loss)
             loss = tf.nn.compute_average_loss(losses, global_batch_size=config.batch_size)
             scaled_loss = optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled_loss, variables)
-        # scale_loss(x) is x times the current loss scale (x itself without
-        # loss scaling), so the decay stays in step with the scaled gradient.
-        gradients = add_weight_decay(
-            gradients, variables, optimizer.scale_loss(config.weight_decay / num_replicas)
-        )
+        if decoupled:
+            apply_decoupled_weight_decay(variables, rates, optimizer.learning_rate)
+        else:
+            gradients = coupled_decay(gradients)
         if loss_scaled and num_replicas > 1:
             gradients = _skip_everywhere_if_any_nonfinite(gradients)
         optimizer.apply(gradients, variables)
         if ema_weights is not None:
-            decay = ema_decay_at(config.ema_decay, optimizer.iterations)
-            for average, weight in zip(ema_weights, model_weights):
-                value = tf.cast(weight.value, average.dtype)
-                average.assign(decay * average + (1.0 - decay) * value)
+            update_ema(optimizer.iterations - 1)
         correct = tf.reduce_sum(tf.cast(
             tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32),
-                     tf.cast(labels, tf.int32)), tf.float32))
+                     hard_labels(labels)), tf.float32))
         count = tf.cast(tf.shape(labels)[0], tf.float32)
         return tf.stack([tf.reduce_sum(losses), correct, count])
 
