@@ -152,3 +152,27 @@ def test_ten_crop_and_crop_pct_are_refused_for_cifar_style_data(val_folder):
                                     **options)
     with pytest.raises(ValueError, match="Unknown eval_view 'five_crop'"):
         pipelines.build_dataset(f"folder:{root}", "val", 4, False, eval_view="five_crop")
+
+
+def test_training_validation_averages_crops_too(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (12, 16, 16, 3)).astype("float32")
+    labels = rng.integers(0, CLASSES, 12).astype("int32")
+    crops = rng.normal(0, 1, (6, 10, 16, 16, 3)).astype("float32")
+
+    def split(inputs, targets, training_split):
+        return training.InputSplit(
+            lambda batch_size, context: tf.data.Dataset.from_tensor_slices(
+                (inputs, targets)).batch(batch_size, drop_remainder=training_split),
+            len(targets))
+
+    config = training.TrainConfig(model_dir=str(tmp_path), epochs=1, batch_size=4,
+                                  learning_rate=0.01, weight_decay=1e-4, steps_per_epoch=2,
+                                  validation_freq=0,
+                                  seed=1)
+    val = split(crops, labels[:6], False)
+    result = training.train(tiny_model, split(images, labels, True), val, config,
+                            log=lambda *args, **kwargs: None)
+    again = training.evaluate_model(result.model, val, 4)
+    assert result.metrics["loss"] == pytest.approx(again["loss"], rel=1e-6)
+    assert result.metrics["eval_examples"] == 6
