@@ -306,6 +306,7 @@ def test_predict_uses_the_exported_transform_unless_flags_change_it(exported):
         predict.predict_files(path, paths, image_size=32)
 
 
+@pytest.mark.slow
 def test_predict_cli_flags_change_the_transform(exported, python_subprocess):
     _, path, paths = exported
     command = ("import runpy, sys; sys.argv = ['predict'] + sys.argv[1:]; "
