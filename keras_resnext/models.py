@@ -7,6 +7,7 @@ from keras import layers
 
 from keras_resnext import blocks
 from keras_resnext.layers import NativeKernelSteps
+from keras_resnext.transforms import as_eval_transform
 
 # Table 1: blocks per stage (conv2..conv5) for the ImageNet networks.
 IMAGENET_STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -63,6 +64,8 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         stem: "imagenet" (7x7/2 conv + 3x3/2 max pool) or "cifar" (3x3 conv).
         include_top, input_shape, input_tensor, pooling, classes,
         classifier_activation: as in `keras.applications`.
+        eval_transform: the `keras_resnext.transforms.EvalTransform` (or its
+            config dict) the weights are evaluated with; None: the family's.
 
     Backbone and regularisation options (all off by default; none changes the
     weights, so pretrained weights load into any of them):
@@ -103,6 +106,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         drop_path_rate=0.0,
         zero_init_last=False,
         name=None,
+        eval_transform=None,
         **kwargs,
     ):
         stage_depths = tuple(stage_depths)
@@ -182,6 +186,15 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         # keras-hub's FeaturePyramidBackbone convention, read by its
         # RetinaNetBackbone: "P{level}" is the map whose stride is 2**level.
         self.pyramid_outputs = pyramid_outputs
+        self.eval_transform = eval_transform
+
+    @property
+    def eval_transform(self):
+        return self._eval_transform
+
+    @eval_transform.setter
+    def eval_transform(self, value):
+        self._eval_transform = as_eval_transform(value)
 
     def _freeze_layers(self):
         """Frozen layers are non-trainable, and a non-trainable BN normalizes
@@ -221,6 +234,8 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             "trainable_stages": self.trainable_stages,
             "drop_path_rate": self.drop_path_rate,
             "zero_init_last": self.zero_init_last,
+            "eval_transform": (self.eval_transform.get_config()
+                               if self.eval_transform is not None else None),
         }
 
     @classmethod

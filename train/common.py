@@ -60,8 +60,8 @@ with _each_stderr_line_once():
     import keras_resnext as kr  # before TensorFlow, see keras_resnext/__init__
     import pipelines
     from keras_resnext import training
-    from keras_resnext.applications import eval_transform
     from keras_resnext.export import export_saved_model
+    from keras_resnext.transforms import family_eval_transform, model_eval_transform
     from keras_resnext.weights import load_weights
     from train import options
     from train.options import DEFAULT_PRESETS
@@ -117,6 +117,9 @@ def check_flags(run):
                                  "in --model_dir; pass one of them.")
     if run.weights and not (os.path.exists(run.weights) or _is_checkpoint(run.weights)):
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
+    if run.resize_size is not None and run.crop_pct is not None:
+        raise training.UserError("--resize_size and --crop_pct both set the eval resize; "
+                                 "give one of them.")
     _architecture(run)
 
 
@@ -141,7 +144,7 @@ def _execute(run):
         train_info = None if run.eval_only else _describe(run, "train")
     class_names = list(val_info.class_names)
     preprocessing = run.preprocessing or val_info.preprocessing
-    resize_size = _eval_resize_size(run, preprocessing)
+    transform = eval_transform_of(run, preprocessing)
     recipe = training.recipe_named(run.family, run.recipe)
 
     def model_fn():
@@ -151,15 +154,19 @@ def _execute(run):
                 _load_initial_weights(model, run.weights)
         return model
 
-    val_split = training.InputSplit(
-        _dataset_fn(run, "val", preprocessing, resize_size, len(class_names)),
-        val_info.num_examples, source=run.dataset)
     if run.eval_only:
         with strategy.scope():
             with _as_user_errors():
                 model = build_model(run, num_classes=len(class_names))
             evaluated = _load_weights_to_evaluate(model, run)
+        # The view the weights record, unless flags change it.
+        transform = eval_transform_of(run, preprocessing, model)
+        val_split = training.InputSplit(
+            _dataset_fn(run, "val", preprocessing, transform, len(class_names)),
+            val_info.num_examples, source=run.dataset)
+        print(f"Eval view: {transform.describe(run.eval_view)}.", flush=True)
         metrics = training.evaluate_model(model, val_split, run.batch_size, strategy)
+        metrics.update(eval_transform=transform.get_config(), eval_view=run.eval_view)
         print(f"{evaluated} on {run.dataset} val ({metrics['num_examples']} of "
               f"{metrics['num_examples_expected']} images): "
               f"top1 {metrics['top1']:.4f} - top5 {metrics['top5']:.4f}", flush=True)
@@ -171,8 +178,11 @@ def _execute(run):
         config = training.config_from_recipe(
             recipe, run.model_dir, input_settings=tuple(_input_settings(run).items()),
             **run.training_overrides)
+        val_split = training.InputSplit(
+            _dataset_fn(run, "val", preprocessing, transform, len(class_names)),
+            val_info.num_examples, source=run.dataset)
         train_split = training.InputSplit(
-            _dataset_fn(run, "train", preprocessing, resize_size, len(class_names)),
+            _dataset_fn(run, "train", preprocessing, transform, len(class_names)),
             train_info.num_examples, source=run.dataset)
         _print_recipe(run, recipe)
         _print_run(run, config, train_info, val_info, strategy)
@@ -182,7 +192,7 @@ def _execute(run):
         path, exported = training.export_once(
             run.model_dir, run.export_dir, metrics.get("epochs_completed"),
             lambda: export_saved_model(model, run.export_dir, class_names=class_names,
-                                       image_size=run.image_size, resize_size=resize_size))
+                                       transform=transform))
         print(f"Exported SavedModel to {path}" if exported else
               f"{path} already exported this run; not exporting it again.", flush=True)
     training.wait_for_all_workers(strategy)
@@ -263,12 +273,28 @@ def _print_run(run, config, train_info, val_info, strategy):
         f"weight decay {config.weight_decay:g}, {config.epochs} epochs.", flush=True)
 
 
-def _eval_resize_size(run, preprocessing):
-    _, resize_size = eval_transform(preprocessing, run.image_size)
-    # --resize_size is for ImageNet-style views; CIFAR-style ones take the image as it is.
-    if run.resize_size is not None and preprocessing != "cifar":
-        return run.resize_size
-    return resize_size
+def eval_transform_of(run, preprocessing, model=None):
+    """The `EvalTransform` `run` evaluates (and exports) with: `model`'s (the
+    one its weights record, else its family's) or the family's at
+    --image_size, with --resize_size, --crop_pct and --interpolation applied.
+    Those are for ImageNet-style views; CIFAR-style ones take the image as
+    it is."""
+    imagenet_style = preprocessing != "cifar"
+    given = [f"--{name}" for name in ("crop_pct", "interpolation")
+             if getattr(run, name) is not None]
+    given += ["--eval_view ten_crop"] if run.eval_view != "center" else []
+    if given and not imagenet_style:
+        raise training.UserError(f"{', '.join(given)}: ImageNet-style eval options; "
+                                 f"{run.dataset} uses CIFAR-style preprocessing.")
+    if getattr(model, "eval_transform", None) is not None:
+        base = model_eval_transform(model)
+    else:
+        base = family_eval_transform(preprocessing, run.image_size)
+    if not imagenet_style:
+        return base
+    with _as_user_errors():
+        return base.with_overrides(resize_size=run.resize_size, crop_pct=run.crop_pct,
+                                   interpolation=run.interpolation)
 
 
 def _describe(run, split):
@@ -278,7 +304,7 @@ def _describe(run, split):
         tfrecord_num_classes=run.tfrecord_num_classes)
 
 
-def _dataset_fn(run, split, preprocessing, resize_size, num_classes):
+def _dataset_fn(run, split, preprocessing, eval_transform, num_classes):
     training_split = split == "train"
     augmentations = _augmentations(run, num_classes) if training_split else {}
 
@@ -286,7 +312,8 @@ def _dataset_fn(run, split, preprocessing, resize_size, num_classes):
         return pipelines.build_dataset(
             run.dataset, split, per_replica_batch_size, training=training_split,
             image_size=_train_image_size(run) if training_split else run.image_size,
-            resize_size=resize_size, preprocessing=preprocessing,
+            eval_transform=eval_transform, eval_view=run.eval_view,
+            preprocessing=preprocessing,
             data_dir=run.data_dir, manual_dir=run.manual_dir,
             tfrecord_label_offset=run.tfrecord_label_offset,
             tfrecord_num_classes=run.tfrecord_num_classes,

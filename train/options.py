@@ -17,6 +17,7 @@ from typing import Callable, Optional, Union
 
 import keras_resnext as kr
 from keras_resnext import training
+from keras_resnext.transforms import EVAL_VIEWS, INTERPOLATIONS
 
 DEFAULT_DATASETS = {"imagenet": "imagenette/160px-v2", "cifar": "cifar10"}
 DEFAULT_PRESETS = {"imagenet": "resnext50_32x4d", "cifar": "resnext29_8x64d"}
@@ -153,7 +154,19 @@ OPTIONS = (
            bounds=dict(lower_bound=8)),
     Option("resize_size", "integer", FromRecipe("resize_size"),
            "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
-           "Default 256/224 of --image_size.", bounds=dict(lower_bound=8)),
+           "Default the weights' eval transform, else 256/224 of --image_size.",
+           bounds=dict(lower_bound=8)),
+    Option("crop_pct", "float", None,
+           "Eval (ImageNet-style), timm's crop fraction instead of --resize_size: resize the "
+           "shorter side to floor(image_size / crop_pct).",
+           bounds=dict(lower_bound=0.01, upper_bound=1.0)),
+    Option("interpolation", "enum", None,
+           "Eval resize (ImageNet-style, antialiased). Default the weights' eval transform, "
+           "else bilinear.", choices=INTERPOLATIONS),
+    Option("eval_view", "enum", "center",
+           "Eval (ImageNet-style): center, the single centre crop; ten_crop, the centre and "
+           "four corners and their mirrors (fb.resnet.torch), probabilities averaged.",
+           choices=EVAL_VIEWS),
     Option("auto_augment", "enum", FromRecipe("auto_augment"),
            "Per-image augmentation policy after the random crop and flip (none: off).",
            choices=(NO_AUTO_AUGMENT, "trivial_augment_wide", "rand-m6-mstd0.5-inc1")),
