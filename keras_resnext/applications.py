@@ -2,7 +2,7 @@
 named presets as data, `build(name, **overrides)` and the eval transform."""
 
 from keras_resnext.models import IMAGENET_STAGE_DEPTHS, ResNeXt, cifar_stage_depths, default_name
-from keras_resnext.weights import load_weights
+from keras_resnext.weights import catalog, fetch, load_weights
 
 # Each preset fixes the architecture. `num_params` counts trainable parameters
 # (torchvision's `num_params`, the paper's "# params"); `gflops` counts
@@ -117,9 +117,16 @@ def build(name, **overrides):
 
 def _build(stage_depths, stem, default, weights, arguments):
     name = arguments.pop("name") or default
-    model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
+    source = None
     if weights is not None:
-        load_weights(model, weights)
+        # Before building: a name or handle the architecture has no weights
+        # under fails at once, and the weights' eval transform goes in the model.
+        architecture = catalog.architecture_name(
+            stem, stage_depths, arguments["cardinality"], arguments["width"])
+        source = fetch.resolve(weights, architecture)
+    model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
+    if source is not None:
+        load_weights(model, source.local_path())
     return model
 
 

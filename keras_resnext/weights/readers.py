@@ -89,11 +89,6 @@ def detect_format(path):
 
 def weights_path(weights):
     """The file `weights` names, or raise naming the problem."""
-    if isinstance(weights, str) and weights.lower() == "imagenet":
-        raise ValueError(
-            "weights='imagenet': keras_resnext hosts no weight files; download a "
-            "checkpoint and pass its path (see the README's 'Pretrained weights')."
-        )
     try:
         path = os.fspath(weights)
     except TypeError:
