@@ -2,7 +2,10 @@
 named presets as data, `build(name, **overrides)` and the eval transform."""
 
 from keras_resnext.models import IMAGENET_STAGE_DEPTHS, ResNeXt, cifar_stage_depths, default_name
-from keras_resnext.weights import catalog, fetch, load_weights
+from keras_resnext.transforms import (  # noqa: F401  model_eval_transform is public here
+    FAMILY_EVAL_TRANSFORMS, EvalTransform, family_eval_transform, model_eval_transform)
+from keras_resnext.weights import catalog, fetch
+from keras_resnext.weights.loading import load_source
 
 # Each preset fixes the architecture. `num_params` counts trainable parameters
 # (torchvision's `num_params`, the paper's "# params"); `gflops` counts
@@ -31,12 +34,8 @@ PRESETS = {
                              num_params=68_155_210, gflops=10.69),
 }
 
-# The eval view at each family's reference size: §4 resizes the shorter side
-# to 256 and takes the centre 224x224; CIFAR (§5.3) takes the image as it is.
-EVAL_TRANSFORMS = {
-    "imagenet": dict(image_size=224, resize_size=256),
-    "cifar": dict(image_size=32, resize_size=32),
-}
+# Each family's eval view (`keras_resnext.transforms`), under its old name.
+EVAL_TRANSFORMS = FAMILY_EVAL_TRANSFORMS
 
 ARCHITECTURE_KEYS = ("depth", "cardinality", "width")
 
@@ -45,37 +44,20 @@ def eval_transform(family_or_model, image_size=None):
     """`(image_size, resize_size)` of the eval view: resize the shorter side to
     `resize_size`, then take the centre `image_size` square.
 
-    `family_or_model` is "imagenet" or "cifar", or a model: its `stem` names
-    its family (ImageNet-style without one) and its square input is the
-    default `image_size`. Other sizes keep the family's proportion: 256 for
-    224 (73 for 64); CIFAR-style views resize to `image_size` itself, so the
-    crop removes nothing.
+    `family_or_model` is "imagenet" or "cifar", or a model (see
+    `model_eval_transform`, which gives the whole `EvalTransform`). Other
+    sizes keep the proportion: 256 for 224 (73 for 64); CIFAR-style views
+    resize to `image_size` itself, so the crop removes nothing.
     """
     if isinstance(family_or_model, str):
-        family = _require_family(family_or_model)
-        if image_size is None:
-            image_size = EVAL_TRANSFORMS[family]["image_size"]
+        transform = family_eval_transform(family_or_model, image_size)
     else:
-        family = getattr(family_or_model, "stem", "imagenet")
-        if image_size is None:
-            image_size = _square_input_size(family_or_model)
-    reference = EVAL_TRANSFORMS[family]
-    return image_size, round(image_size * reference["resize_size"] / reference["image_size"])
-
-
-def _square_input_size(model):
-    height, width = tuple(model.inputs[0].shape[1:3])
-    if height is None or height != width:
-        raise ValueError(
-            f"Cannot infer the eval image size from the model's input shape "
-            f"{tuple(model.inputs[0].shape)}; pass image_size."
-        )
-    return int(height)
+        transform = model_eval_transform(family_or_model, image_size)
+    return transform.image_size, transform.resize_size
 
 
 def _require_family(family):
-    if family not in EVAL_TRANSFORMS:
-        raise ValueError(f"Unknown family {family!r}; use one of {', '.join(EVAL_TRANSFORMS)}.")
+    family_eval_transform(family)  # raises for an unknown family
     return family
 
 
@@ -120,23 +102,23 @@ def _build(stage_depths, stem, default, weights, arguments):
     source = None
     if weights is not None:
         # Before building: a name or handle the architecture has no weights
-        # under fails at once, and the weights' eval transform goes in the model.
+        # under fails at once.
         architecture = catalog.architecture_name(
             stem, stage_depths, arguments["cardinality"], arguments["width"])
         source = fetch.resolve(weights, architecture)
     model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
     if source is not None:
-        load_weights(model, source.local_path())
+        load_source(model, source)  # records the weights' eval transform unless given one
     return model
 
 
 def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, input_shape,
-              pooling, classes, classifier_activation, block_form, name):
+              pooling, classes, classifier_activation, block_form, name, eval_transform=None):
     arguments = dict(
         cardinality=cardinality, width=width, include_top=include_top,
         input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
         classes=classes, classifier_activation=classifier_activation,
-        block_form=block_form, name=name,
+        block_form=block_form, name=name, eval_transform=eval_transform,
     )
     return _build(IMAGENET_STAGE_DEPTHS[depth], "imagenet",
                   default_name(depth, cardinality, width), weights, arguments)
@@ -144,31 +126,37 @@ def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, inp
 
 def ResNeXt50(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
               input_shape=None, pooling=None, classes=1000,
-              classifier_activation="softmax", block_form="c", name=None):
+              classifier_activation="softmax", block_form="c", name=None,
+              eval_transform=None):
     """ResNeXt-50 (C x d), Table 1. `cardinality=1, width=64` is ResNet-50."""
     return _imagenet(50, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
+                     input_shape, pooling, classes, classifier_activation, block_form, name,
+                     eval_transform)
 
 
 def ResNeXt101(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
                input_shape=None, pooling=None, classes=1000,
-               classifier_activation="softmax", block_form="c", name=None):
+               classifier_activation="softmax", block_form="c", name=None,
+               eval_transform=None):
     """ResNeXt-101 (C x d). `cardinality=1, width=64` is ResNet-101."""
     return _imagenet(101, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
+                     input_shape, pooling, classes, classifier_activation, block_form, name,
+                     eval_transform)
 
 
 def ResNeXt152(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
                input_shape=None, pooling=None, classes=1000,
-               classifier_activation="softmax", block_form="c", name=None):
+               classifier_activation="softmax", block_form="c", name=None,
+               eval_transform=None):
     """ResNeXt-152 (C x d). `cardinality=1, width=64` is ResNet-152."""
     return _imagenet(152, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
+                     input_shape, pooling, classes, classifier_activation, block_form, name,
+                     eval_transform)
 
 
 def ResNeXt29(cardinality=8, width=64, classes=10, depth=29, include_top=True, weights=None,
               input_tensor=None, input_shape=None, pooling=None,
-              classifier_activation="softmax", block_form="c", name=None):
+              classifier_activation="softmax", block_form="c", name=None, eval_transform=None):
     """The CIFAR ResNeXt of §5.3: 3x3 stem, 3 stages of (depth - 2) / 9 blocks.
 
     `depth=11` gives one block per stage for quick runs.
@@ -177,7 +165,7 @@ def ResNeXt29(cardinality=8, width=64, classes=10, depth=29, include_top=True, w
         cardinality=cardinality, width=width, include_top=include_top,
         input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
         classes=classes, classifier_activation=classifier_activation,
-        block_form=block_form, name=name,
+        block_form=block_form, name=name, eval_transform=eval_transform,
     )
     return _build(cifar_stage_depths(depth), "cifar",
                   f"resnext{depth}_{cardinality}x{width}d", weights, arguments)

@@ -5,6 +5,7 @@ from keras import layers
 
 from keras_resnext import blocks
 from keras_resnext.layers import NativeKernelSteps
+from keras_resnext.transforms import as_eval_transform
 
 # Table 1: blocks per stage (conv2..conv5) for the ImageNet networks.
 IMAGENET_STAGE_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -53,6 +54,8 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         stem: "imagenet" (7x7/2 conv + 3x3/2 max pool) or "cifar" (3x3 conv).
         include_top, input_shape, input_tensor, pooling, classes,
         classifier_activation: as in `keras.applications`.
+        eval_transform: the `keras_resnext.transforms.EvalTransform` (or its
+            config dict) the weights are evaluated with; None: the family's.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         classes=1000,
         classifier_activation="softmax",
         name=None,
+        eval_transform=None,
         **kwargs,
     ):
         stage_depths = tuple(stage_depths)
@@ -121,6 +125,15 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             keras.activations.get(classifier_activation)
         ) if classifier_activation is not None else None
         self.image_shape = tuple(self.inputs[0].shape[1:])
+        self.eval_transform = eval_transform
+
+    @property
+    def eval_transform(self):
+        return self._eval_transform
+
+    @eval_transform.setter
+    def eval_transform(self, value):
+        self._eval_transform = as_eval_transform(value)
 
     @property
     def depth(self):
@@ -141,6 +154,8 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             "pooling": self.pooling,
             "classes": self.classes,
             "classifier_activation": self.classifier_activation,
+            "eval_transform": (self.eval_transform.get_config()
+                               if self.eval_transform is not None else None),
         }
 
     @classmethod

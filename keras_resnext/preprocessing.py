@@ -16,15 +16,16 @@ IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
 
-def preprocess_input(x):
-    """RGB in [0, 255] (channels last) to the ImageNet mean/std normalisation.
+def preprocess_input(x, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB):
+    """RGB in [0, 255] (channels last) to `(x / 255 - mean) / std`.
 
-    The same normalisation as torchvision's weights, so their checkpoints load
-    and evaluate unchanged.
+    The default is ImageNet's mean/std, as torchvision's weights, so their
+    checkpoints load and evaluate unchanged; weights normalised otherwise
+    carry theirs in their `EvalTransform`.
     """
     x = ops.cast(x, "float32") if not _is_floating(x) else x
-    mean = np.asarray(IMAGENET_MEAN_RGB, dtype="float64") * 255.0
-    std = np.asarray(IMAGENET_STD_RGB, dtype="float64") * 255.0
+    mean = np.asarray(mean, dtype="float64") * 255.0
+    std = np.asarray(std, dtype="float64") * 255.0
     # (x - mean) / std as one multiply-add: a broadcast divide is slow in tf.data.
     scale, shift = (1.0 / std).astype("float32"), (-mean / std).astype("float32")
     return x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)

@@ -38,10 +38,11 @@ TF_ONLY = (
 NEUTRAL_MAY_LOAD = ("keras_resnext.kernels",)
 
 # The kernels are the floor: besides each other they may use only the
-# pure-Python image helpers (normalisation, header checks), nothing that
+# pure-Python image helpers (normalisation, eval transforms), nothing that
 # builds on them (layers, blocks, models, weights, applications, training...).
 KERNELS = "keras_resnext.kernels"
-KERNELS_MAY_IMPORT = ("keras_resnext.kernels", "keras_resnext.preprocessing")
+KERNELS_MAY_IMPORT = ("keras_resnext.kernels", "keras_resnext.preprocessing",
+                      "keras_resnext.transforms")
 
 Edge = collections.namedtuple("Edge", "importer imported line in_function")
 

@@ -11,7 +11,7 @@ import keras_resnext as kr
 BUILDER_DEFAULTS = dict(
     cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
     input_shape=None, pooling=None, classes=1000, classifier_activation="softmax",
-    block_form="c", name=None,
+    block_form="c", name=None, eval_transform=None,
 )
 
 

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import keras_resnext as kr
+from keras_resnext.transforms import EvalTransform
 from keras_resnext.weights import HashMismatch, WeightsUnavailable, catalog, fetch
 from test_torch_zip import TINY, torchvision_pth
 from test_weights import assert_same_weights, randomise_batch_norms, torchvision_state_dict
@@ -83,7 +84,7 @@ def named(tiny_pth, server, monkeypatch):
     path, file_name = tiny_pth
     (server.folder / file_name).write_bytes(path.read_bytes())
     entry = catalog.NamedWeights("resnext11_4x4d", catalog.V1, file_name, top1=1.0, top5=2.0,
-                                 resize_size=16, image_size=16)
+                                 resize_size=18, image_size=16)
     monkeypatch.setattr(catalog, "TORCHVISION_WEIGHTS", (entry,))
     monkeypatch.setenv(catalog.TORCHVISION_URL_VARIABLE, server.url)
     return entry
@@ -103,7 +104,10 @@ def one_line(error):
 
 
 def test_named_weights_download_once_and_then_load_offline(tiny, named, server, keras_home):
-    assert_same_weights(build_tiny("imagenet"), tiny)
+    model = build_tiny("imagenet")
+    assert_same_weights(model, tiny)
+    assert model.eval_transform == EvalTransform(16, 18, "bilinear")
+    assert model.get_config()["eval_transform"] == EvalTransform(16, 18).get_config()
     cached = keras_home / "keras_resnext" / f"127.0.0.1_{server.httpd.server_port}" / named.file
     assert cached.is_file()
     assert os.listdir(cached.parent) == [named.file]  # no partial download left beside it
@@ -157,8 +161,7 @@ def test_names_resolve_to_torchvisions_files_and_eval_transforms(architecture, n
     source = fetch.resolve(name, architecture)
     assert source.url == "https://download.pytorch.org/models/" + file
     resize_size = 256 if name.upper() == "IMAGENET1K_V1" and "64x4d" not in architecture else 232
-    assert source.eval_transform == dict(image_size=224, resize_size=resize_size,
-                                         interpolation="bilinear")
+    assert source.eval_transform == EvalTransform(224, resize_size, "bilinear")
 
 
 @pytest.mark.parametrize("stem, stage_depths, cardinality, width, name", [
@@ -171,6 +174,18 @@ def test_names_resolve_to_torchvisions_files_and_eval_transforms(architecture, n
 ])
 def test_the_architecture_names_its_weights(stem, stage_depths, cardinality, width, name):
     assert catalog.architecture_name(stem, stage_depths, cardinality, width) == name
+
+
+def test_a_given_eval_transform_is_kept_and_load_weights_records_the_weights_one(
+        tiny, named):
+    given = EvalTransform(16, 20, "bicubic")
+    model = kr.ResNeXt29(**TINY, classifier_activation=None, weights="imagenet",
+                         eval_transform=given)
+    assert model.eval_transform == given
+    built = kr.ResNeXt29(**TINY, classifier_activation=None)
+    kr.load_weights(built, "IMAGENET1K_V1")
+    assert_same_weights(built, tiny)
+    assert built.eval_transform == EvalTransform(16, 18)
 
 
 # Offline ---------------------------------------------------------------------
@@ -251,8 +266,8 @@ def test_http_urls_of_any_format_are_cached_under_their_host_and_path(tiny, serv
 
 PRETRAINED_CFG = {
     "input_size": [3, 16, 16], "test_input_size": [3, 24, 24], "interpolation": "bicubic",
-    "crop_pct": 0.95, "crop_mode": "center", "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225], "num_classes": 3,
+    "crop_pct": 0.8, "crop_mode": "center", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    "num_classes": 3,
 }
 
 
@@ -270,12 +285,14 @@ def test_hf_repos_load_their_safetensors_with_their_eval_transform(tiny, server,
     serve_hf_repo(server, "someone/tiny.a1_in1k", other, PRETRAINED_CFG)  # not nested
     monkeypatch.setenv(catalog.HF_URL_VARIABLE, server.url.rstrip("/"))
 
+    # timm's resize: floor(16 / 0.8)
+    timm_transform = EvalTransform(16, 20, "bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
     source = fetch.resolve("hf://timm/tiny.a1_in1k", "resnext11_4x4d")
-    assert source.eval_transform == PRETRAINED_CFG
+    assert source.eval_transform == timm_transform
     assert os.path.join("timm", "tiny.a1_in1k") in source.path
-    assert_same_weights(build_tiny("hf://timm/tiny.a1_in1k"), tiny)
-    assert fetch.resolve("hf://someone/tiny.a1_in1k", "resnext11_4x4d").eval_transform == \
-        PRETRAINED_CFG
+    model = build_tiny("hf://timm/tiny.a1_in1k")
+    assert_same_weights(model, tiny)
+    assert model.eval_transform == timm_transform
     assert_same_weights(build_tiny("hf://someone/tiny.a1_in1k"), other)
     server.stop()
     assert_same_weights(build_tiny("hf://timm/tiny.a1_in1k"), tiny)

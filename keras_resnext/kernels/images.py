@@ -1,14 +1,20 @@
-"""Encoded images to model inputs with TensorFlow: decoding, the eval crop, headers.
+"""Encoded images to model inputs with TensorFlow: decoding, the eval views, headers.
 
 The dataset pipelines and SavedModel export share `preprocess_for_eval`, the
-paper's evaluation view (§4), so there is one definition of it in the project;
-`read_image_header` and `header_problem` let a serving graph refuse an image
-before decoding it.
+evaluation view of an `EvalTransform` (the paper's, §4, by default), so there
+is one definition of it in the project; `read_image_header` and
+`header_problem` let a serving graph refuse an image before decoding it.
 """
 
 import tensorflow as tf
 
 from keras_resnext.preprocessing import preprocess_input
+from keras_resnext.transforms import resolve_eval_transform
+
+# Single centre crop (§4), or fb.resnet.torch's TenCrop: the centre and the
+# four corners of the resized image and of its mirror image.
+EVAL_VIEWS = ("center", "ten_crop")
+TEN_CROPS = 10
 
 
 def decode_image(image_bytes):
@@ -22,9 +28,10 @@ def decode_image(image_bytes):
     )
 
 
-def resize_shorter_side(image, resize_size):
+def resize_shorter_side(image, resize_size, interpolation="bilinear"):
     """Resize so the shorter side is `resize_size` and the other
-    `round(side * resize_size / shorter)`, with antialiased bilinear (as PIL)."""
+    `round(side * resize_size / shorter)`, antialiased "bilinear" or
+    "bicubic" (as PIL's resize, which torchvision and timm evaluate with)."""
     shape = tf.shape(image)
     height = tf.cast(shape[0], tf.float64)
     width = tf.cast(shape[1], tf.float64)
@@ -32,9 +39,13 @@ def resize_shorter_side(image, resize_size):
     scale = tf.cast(resize_size, tf.float64) / shorter
     new_height = tf.cast(tf.round(height * scale), tf.int32)
     new_width = tf.cast(tf.round(width * scale), tf.int32)
-    return tf.image.resize(
-        image, tf.stack([new_height, new_width]), method="bilinear", antialias=True
+    resized = tf.image.resize(
+        image, tf.stack([new_height, new_width]), method=interpolation, antialias=True
     )
+    if interpolation == "bilinear":
+        return resized
+    # Bicubic overshoots at edges; PIL's uint8 result is clipped to [0, 255].
+    return tf.clip_by_value(resized, 0.0, 255.0)
 
 
 def center_crop(image, image_size):
@@ -45,21 +56,46 @@ def center_crop(image, image_size):
     return image[top : top + image_size, left : left + image_size]
 
 
-def preprocess_for_eval(image_bytes, image_size=224, resize_size=256, max_pixels=None):
-    """The paper's evaluation view (§4) of one encoded image.
+def ten_crop(image, image_size):
+    """fb.resnet.torch's TenCrop: [10, image_size, image_size, channels], the
+    centre, top-left, top-right, bottom-left and bottom-right squares of
+    `image`, then the same five of its mirror image."""
+    shape = tf.shape(image)
+    bottom, right = shape[0] - image_size, shape[1] - image_size
+    crops = []
+    for view in (image, tf.image.flip_left_right(image)):
+        crops.append(center_crop(view, image_size))
+        for top, left in ((0, 0), (0, right), (bottom, 0), (bottom, right)):
+            crops.append(view[top:top + image_size, left:left + image_size])
+    return tf.stack(crops)
 
-    Decode, resize the shorter side to `resize_size`, take the centre
-    `image_size` x `image_size` crop and normalise: a float32
-    [image_size, image_size, 3] tensor, exactly what the models take.
+
+def preprocess_for_eval(image_bytes, image_size=None, resize_size=None, max_pixels=None, *,
+                        transform=None, model=None, crop_pct=None, interpolation=None,
+                        view="center"):
+    """The evaluation view of one encoded image.
+
+    Decode, resize the shorter side to `resize_size` (antialiased), take the
+    centre `image_size` x `image_size` crop and normalise: a float32
+    [image_size, image_size, 3] tensor, exactly what the models take. With
+    `view="ten_crop"`, the ten crops of `ten_crop`: [10, size, size, 3].
+
+    The view is `transform` (a `keras_resnext.transforms.EvalTransform` or
+    its dict), else `model`'s recorded or family one, else the paper's (§4:
+    shorter side 256, centre 224, bilinear, ImageNet mean/std); `image_size`,
+    `resize_size`, `crop_pct` and `interpolation` override its fields (see
+    `EvalTransform.with_overrides`: a new size alone keeps the proportion).
 
     With `max_pixels`, an image whose header says it has more pixels (or
     whose header is unreadable) fails with InvalidArgumentError before it
     is decoded, so a small file cannot claim gigabytes of memory.
     """
-    if resize_size < image_size:
-        raise ValueError(
-            f"resize_size ({resize_size}) must be at least image_size ({image_size})."
-        )
+    transform = resolve_eval_transform(transform, model, image_size=image_size,
+                                       resize_size=resize_size, crop_pct=crop_pct,
+                                       interpolation=interpolation)
+    if view not in EVAL_VIEWS:
+        raise ValueError(f"view must be one of {', '.join(EVAL_VIEWS)}; got {view!r}.")
+    image_size = transform.image_size
     checks = []
     if max_pixels is not None:
         problem = header_problem(*read_image_header(image_bytes), max_pixels)
@@ -68,10 +104,13 @@ def preprocess_for_eval(image_bytes, image_size=224, resize_size=256, max_pixels
         image = decode_jpeg_accurately_or_any(image_bytes)
     # Resizing the uint8 image gives the same float32 result, bit for bit, as
     # resizing a float32 copy, without that copy of the full-size image.
-    image = resize_shorter_side(image, resize_size)
-    image = center_crop(image, image_size)
-    image = tf.ensure_shape(image, [image_size, image_size, 3])
-    return preprocess_input(image)
+    image = resize_shorter_side(image, transform.resize_size, transform.interpolation)
+    if view == "ten_crop":
+        image = tf.ensure_shape(ten_crop(image, image_size),
+                                [TEN_CROPS, image_size, image_size, 3])
+    else:
+        image = tf.ensure_shape(center_crop(image, image_size), [image_size, image_size, 3])
+    return preprocess_input(image, mean=transform.mean, std=transform.std)
 
 
 def decode_jpeg_accurately_or_any(image_bytes):

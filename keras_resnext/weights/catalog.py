@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 from keras_resnext.models import IMAGENET_STAGE_DEPTHS, default_name
+from keras_resnext.transforms import EvalTransform
 
 TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
 HF_BASE_URL = "https://huggingface.co/"
@@ -43,8 +44,7 @@ class NamedWeights:
 
     @property
     def eval_transform(self):
-        return dict(image_size=self.image_size, resize_size=self.resize_size,
-                    interpolation=self.interpolation)
+        return EvalTransform(self.image_size, self.resize_size, self.interpolation)
 
 
 def _torchvision(architecture, name, file, top1, top5, resize_size):

@@ -20,6 +20,7 @@ import uuid
 
 import keras
 
+from keras_resnext.transforms import EvalTransform
 from keras_resnext.weights import catalog
 
 CACHE_SUBDIR = "keras_resnext"
@@ -48,7 +49,7 @@ class WeightsSource:
     weights: str  # as given
     path: str  # the local file, or where the download is cached
     url: str = None  # None for a local file
-    eval_transform: dict = None  # what the weights were evaluated with, where published
+    eval_transform: EvalTransform = None  # what the weights were evaluated with, if published
 
     def local_path(self):
         """The local file, downloaded first if it is a URL not yet cached."""
@@ -130,7 +131,18 @@ def _from_hf(handle, architecture):
         )
     weights_url = repo_url + HF_WEIGHTS_FILE
     return WeightsSource(handle, cache_path(weights_url), weights_url,
-                         config.get("pretrained_cfg", config))
+                         _timm_eval_transform(config, handle))
+
+
+def _timm_eval_transform(config, handle):
+    """The eval transform of timm's `pretrained_cfg`; None where the config
+    isn't timm's (no input size)."""
+    if "input_size" not in config.get("pretrained_cfg", config):
+        return None
+    try:
+        return EvalTransform.from_timm_config(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{handle}'s config.json: {error}") from None
 
 
 # The cache ------------------------------------------------------------------

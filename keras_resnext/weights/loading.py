@@ -24,15 +24,22 @@ def load_weights(model, weights):
     cached.
     """
     _require_resnext(model)
-    path = readers.weights_path(fetch.resolve(weights, architecture_of(model)).local_path())
+    return load_source(model, fetch.resolve(weights, architecture_of(model)))
+
+
+def load_source(model, source):
+    """Load a `fetch.WeightsSource` into `model`. Where the source publishes
+    its eval transform and `model` records none, `model` records it."""
+    path = readers.weights_path(source.local_path())
     file_format = readers.detect_format(path)
     if file_format == readers.KERAS:
-        if _load_keras_in_place(model, path):
-            return model
-        checkpoint = readers.read_keras(path, model)
+        loaded = _load_keras_in_place(model, path)
+        if not loaded:
+            load_tensors(model, readers.read_keras(path, model))
     else:
-        checkpoint = readers.read_torch_layout(path, file_format)
-    load_tensors(model, checkpoint)
+        load_tensors(model, readers.read_torch_layout(path, file_format))
+    if source.eval_transform is not None and model.eval_transform is None:
+        model.eval_transform = source.eval_transform
     return model
 
 
