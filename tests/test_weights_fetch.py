@@ -10,6 +10,7 @@ import os
 import pathlib
 import threading
 
+import keras
 import pytest
 from safetensors.numpy import save_file
 
@@ -103,11 +104,13 @@ def one_line(error):
 # Named weights ----------------------------------------------------------------
 
 
-def test_named_weights_download_once_and_then_load_offline(tiny, named, server, keras_home):
+def test_named_weights_download_once_and_then_load_offline(
+        tiny, named, server, keras_home, tmp_path):
     model = build_tiny("imagenet")
     assert_same_weights(model, tiny)
     assert model.eval_transform == EvalTransform(16, 18, "bilinear")
-    assert model.get_config()["eval_transform"] == EvalTransform(16, 18).get_config()
+    model.save(tmp_path / "tiny.keras")
+    assert keras.saving.load_model(tmp_path / "tiny.keras").eval_transform == model.eval_transform
     cached = keras_home / "keras_resnext" / f"127.0.0.1_{server.httpd.server_port}" / named.file
     assert cached.is_file()
     assert os.listdir(cached.parent) == [named.file]  # no partial download left beside it
