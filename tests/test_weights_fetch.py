@@ -160,7 +160,9 @@ def test_an_architecture_without_named_weights_lists_those_that_have_them():
     ("resnext101_64x4d", "imagenet", "resnext101_64x4d-173b62eb.pth"),
     ("resnet152", "imagenet1k_v2", "resnet152-f82ba261.pth"),
 ])
-def test_names_resolve_to_torchvisions_files_and_eval_transforms(architecture, name, file):
+def test_names_resolve_to_torchvisions_files_and_eval_transforms(architecture, name, file,
+                                                                 monkeypatch):
+    monkeypatch.delenv(catalog.TORCHVISION_URL_VARIABLE, raising=False)
     source = fetch.resolve(name, architecture)
     assert source.url == "https://download.pytorch.org/models/" + file
     resize_size = 256 if name.upper() == "IMAGENET1K_V1" and "64x4d" not in architecture else 232
@@ -305,7 +307,8 @@ def test_an_hf_repo_of_another_architecture_is_refused_before_its_weights_downlo
         tiny, server, monkeypatch):
     serve_hf_repo(server, "timm/resnext50_32x4d.a1h_in1k", tiny,
                   {"architecture": "resnext50_32x4d", "pretrained_cfg": PRETRAINED_CFG})
-    monkeypatch.setenv(catalog.HF_URL_VARIABLE, server.url)
+    monkeypatch.delenv(catalog.HF_URL_VARIABLE, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # huggingface_hub's mirror variable
     with pytest.raises(ValueError) as error:
         build_tiny("hf://timm/resnext50_32x4d.a1h_in1k")
     assert one_line(error) == ("hf://timm/resnext50_32x4d.a1h_in1k holds timm's resnext50_32x4d, "

@@ -5,7 +5,8 @@ and eval transform (torchvision's weights metadata, torchvision 0.29).
 keras_resnext hosts no weight files: the names resolve to torchvision's URLs
 (`fetch` downloads and caches them). `TORCHVISION_BASE_URL` and
 `HF_BASE_URL` may be redirected, e.g. to a mirror, with the environment
-variables `KERAS_RESNEXT_TORCHVISION_URL` and `KERAS_RESNEXT_HF_URL`.
+variables `KERAS_RESNEXT_TORCHVISION_URL` and `KERAS_RESNEXT_HF_URL` (or
+huggingface_hub's own `HF_ENDPOINT`).
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ TORCHVISION_BASE_URL = "https://download.pytorch.org/models/"
 HF_BASE_URL = "https://huggingface.co/"
 TORCHVISION_URL_VARIABLE = "KERAS_RESNEXT_TORCHVISION_URL"
 HF_URL_VARIABLE = "KERAS_RESNEXT_HF_URL"
+HF_ENDPOINT_VARIABLE = "HF_ENDPOINT"  # huggingface_hub's, for mirrors
 
 # "imagenet" is each preset's best: torchvision's DEFAULT (V2 where it has one).
 BEST = "imagenet"
@@ -71,7 +73,8 @@ def torchvision_base_url():
 
 
 def hf_base_url():
-    return _with_slash(os.environ.get(HF_URL_VARIABLE) or HF_BASE_URL)
+    return _with_slash(os.environ.get(HF_URL_VARIABLE) or os.environ.get(HF_ENDPOINT_VARIABLE)
+                       or HF_BASE_URL)
 
 
 def _with_slash(url):

@@ -137,7 +137,8 @@ def _from_hf(handle, architecture):
 def _timm_eval_transform(config, handle):
     """The eval transform of timm's `pretrained_cfg`; None where the config
     isn't timm's (no input size)."""
-    if "input_size" not in config.get("pretrained_cfg", config):
+    pretrained = config.get("pretrained_cfg", config)
+    if not isinstance(pretrained, dict) or "input_size" not in pretrained:
         return None
     try:
         return EvalTransform.from_timm_config(config)
