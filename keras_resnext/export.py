@@ -4,8 +4,9 @@
 layout TF Serving polls, with two signatures:
 
 - `serving_default`: `image_bytes` (tf.string [N], JPEG/PNG/GIF/BMP/WebP), each
-  decoded and cropped by `keras_resnext.preprocess_for_eval`, the same eval
-  view the datasets use;
+  decoded and cropped by `keras_resnext.preprocess_for_eval` with the model's
+  `EvalTransform` (`keras_resnext.transforms.model_eval_transform`: the one
+  its weights record, else its family's), the same eval view the datasets use;
 - `serving_preprocessed`: `images` (float32 [N, size, size, 3]), already
   preprocessed.
 
@@ -19,14 +20,21 @@ or WebP image", zero probabilities and scores, classes -1 and empty class names;
 the other images are classified as usual. An empty batch, or
 `serving_preprocessed` images of the wrong shape, fail the whole request
 with InvalidArgumentError. The SavedModel also records its eval transform:
-`eval_image_size`, `eval_resize_size`, `preprocessing`, `max_pixels` and
-`class_names` are variables of the loaded object, and a third signature,
-`metadata`, returns them.
+`eval_image_size`, `eval_resize_size`, `eval_interpolation`, `eval_mean`,
+`eval_std`, `eval_transform` (its config as JSON), `preprocessing`,
+`max_pixels` and `class_names` are variables of the loaded object, and a
+third signature, `metadata`, returns them.
+
+Serving is single-crop: a ten-crop view (`pipelines.build_dataset(...,
+eval_view="ten_crop")`) costs ten forward passes per request for a few
+tenths of a point of top-1, and its crops depend on the whole image, so a
+client could not send it preprocessed either.
 
 TensorFlow only; `keras_resnext` imports this module on first use of
 `keras_resnext.export_saved_model`, so `import keras_resnext` works without it.
 """
 
+import json
 import os
 import re
 import shutil
@@ -35,8 +43,9 @@ import keras
 import tensorflow as tf
 
 from keras_resnext import preprocessing
-from keras_resnext.applications import eval_transform
+from keras_resnext.preprocessing import outputs_probabilities
 from keras_resnext.kernels.images import header_problem, preprocess_for_eval, read_image_header
+from keras_resnext.transforms import resolve_eval_transform
 
 SERVING_SIGNATURE = "serving_default"
 PREPROCESSED_SIGNATURE = "serving_preprocessed"
@@ -65,7 +74,8 @@ def next_version(base_dir):
 
 
 def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
-                       image_size=None, resize_size=None, max_pixels=DEFAULT_MAX_PIXELS):
+                       image_size=None, resize_size=None, max_pixels=DEFAULT_MAX_PIXELS,
+                       transform=None):
     """Write `model` as a TF Serving SavedModel into `base_dir/<version>`.
 
     Args:
@@ -77,12 +87,15 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         top_k: how many classes each image returns (at most the classes).
         class_names: one name per class; default ImageNet's for 1000
             classes, else the class indices as strings.
-        image_size, resize_size: the eval crop; default from the model
-            (see `keras_resnext.applications.eval_transform`).
+        image_size, resize_size: override the eval transform's crop and
+            resize sizes.
         max_pixels: `serving_default` refuses images whose header says
             they have more pixels than this, before decoding them. The
             decoded image takes 3 bytes a pixel, so this bounds the memory
             one request can claim.
+        transform: the `keras_resnext.transforms.EvalTransform` (or its
+            dict) to serve with; default the model's
+            (`keras_resnext.transforms.model_eval_transform`).
 
     The version is written to a temporary folder in `base_dir` and renamed
     into place, so TF Serving never sees half a model. Returns the path.
@@ -95,10 +108,8 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         raise ValueError(
             f"The model has {num_classes} classes but {len(class_names)} class names were given."
         )
-    image_size, default_resize = eval_transform(model, image_size)
-    resize_size = int(resize_size or default_resize)
-    if resize_size < image_size:
-        raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
+    transform = resolve_eval_transform(transform, model if transform is None else None,
+                                       image_size=image_size, resize_size=resize_size or None)
     max_pixels = int(max_pixels)
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1; got {max_pixels}.")
@@ -114,9 +125,9 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         raise FileExistsError(f"SavedModel version {final_path} already exists.")
     os.makedirs(base_dir, exist_ok=True)
 
-    module = ServingModule(_float32_copy(model), class_names, image_size, resize_size,
-                            top_k, outputs_probabilities=_outputs_probabilities(model),
-                            max_pixels=max_pixels)
+    module = ServingModule(_float32_copy(model), class_names, transform, top_k,
+                           outputs_probabilities=outputs_probabilities(model),
+                           max_pixels=max_pixels)
     signatures = {
         SERVING_SIGNATURE: module.serve_image_bytes.get_concrete_function(),
         PREPROCESSED_SIGNATURE: module.serve_images.get_concrete_function(),
@@ -137,14 +148,6 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
     return final_path
 
 
-def _outputs_probabilities(model):
-    activation = getattr(model, "classifier_activation", None)
-    if activation is None:
-        last = model.layers[-1]
-        activation = getattr(getattr(last, "activation", None), "__name__", None)
-    return activation == "softmax"
-
-
 def _float32_copy(model):
     """A float32 copy of `model` outside any distribution strategy, so the
     SavedModel holds plain variables and runs anywhere."""
@@ -161,23 +164,32 @@ def _float32_copy(model):
 class ServingModule(tf.Module):
     """The exported object: the model, its eval transform and class names."""
 
-    def __init__(self, model, class_names, image_size, resize_size, top_k,
+    def __init__(self, model, class_names, transform, top_k,
                  outputs_probabilities, max_pixels=DEFAULT_MAX_PIXELS):
         super().__init__(name="keras_resnext_serving")
         self.model = model
         self.top_k = top_k
         self.outputs_probabilities = outputs_probabilities
-        self.eval_image_size = tf.Variable(image_size, trainable=False, name="eval_image_size")
-        self.eval_resize_size = tf.Variable(resize_size, trainable=False,
+        self.eval_image_size = tf.Variable(transform.image_size, trainable=False,
+                                           name="eval_image_size")
+        self.eval_resize_size = tf.Variable(transform.resize_size, trainable=False,
                                             name="eval_resize_size")
+        self.eval_interpolation = tf.Variable(transform.interpolation, trainable=False,
+                                              name="eval_interpolation")
+        self.eval_mean = tf.Variable(transform.mean, dtype=tf.float32, trainable=False,
+                                     name="eval_mean")
+        self.eval_std = tf.Variable(transform.std, dtype=tf.float32, trainable=False,
+                                    name="eval_std")
+        self.eval_transform = tf.Variable(json.dumps(transform.get_config()), trainable=False,
+                                          name="eval_transform")
         self.preprocessing = tf.Variable(PREPROCESSING_NAME, trainable=False,
                                          name="preprocessing")
         self.max_pixels = tf.Variable(max_pixels, dtype=tf.int64, trainable=False,
                                       name="max_pixels")
         self.class_names = tf.Variable(class_names, dtype=tf.string, trainable=False,
                                        name="class_names")
-        self._image_size = image_size
-        self._resize_size = resize_size
+        self._transform = transform
+        self._image_size = transform.image_size
         self._max_pixels = max_pixels
         self.serve_image_bytes = tf.function(
             self._serve_image_bytes,
@@ -223,8 +235,7 @@ class ServingModule(tf.Module):
         """
         image_size = self._image_size
         dataset = tf.data.Dataset.from_tensor_slices((indices, image_bytes)).map(
-            lambda index, one: (index, preprocess_for_eval(
-                one, image_size, self._resize_size)),
+            lambda index, one: (index, preprocess_for_eval(one, transform=self._transform)),
         ).ignore_errors()
         nothing = tf.data.Dataset.from_tensors(
             (tf.zeros([0], tf.int64), tf.zeros([0, image_size, image_size, 3], tf.float32)))
@@ -273,6 +284,10 @@ class ServingModule(tf.Module):
         return {
             "image_size": tf.identity(self.eval_image_size),
             "resize_size": tf.identity(self.eval_resize_size),
+            "interpolation": tf.identity(self.eval_interpolation),
+            "mean": tf.identity(self.eval_mean),
+            "std": tf.identity(self.eval_std),
+            "eval_transform": tf.identity(self.eval_transform),
             "preprocessing": tf.identity(self.preprocessing),
             "max_pixels": tf.identity(self.max_pixels),
             "class_names": tf.identity(self.class_names),

@@ -31,6 +31,15 @@ def preprocess_input(x, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB):
     return x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)
 
 
+def outputs_probabilities(model):
+    """Whether `model` ends in a softmax (else it gives logits)."""
+    activation = getattr(model, "classifier_activation", None)
+    if activation is None:
+        last = model.layers[-1]
+        activation = getattr(getattr(last, "activation", None), "__name__", None)
+    return activation == "softmax"
+
+
 def _is_floating(x):
     dtype = getattr(x, "dtype", None)
     if dtype is None:

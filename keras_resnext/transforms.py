@@ -19,6 +19,10 @@ from keras_resnext.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 IMAGENET_MEAN = IMAGENET_MEAN_RGB
 IMAGENET_STD = IMAGENET_STD_RGB
 INTERPOLATIONS = ("bilinear", "bicubic")
+# How the view is cut from the resized image: the single centre crop (§4), or
+# fb.resnet.torch's TenCrop, the centre and four corners of it and of its
+# mirror image (the model's probabilities are then averaged over the ten).
+EVAL_VIEWS = ("center", "ten_crop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,16 @@ class EvalTransform:
         return cls.from_crop_pct(int(input_size[1]), float(crop_pct),
                                  interpolation=config.get("interpolation") or "bilinear",
                                  **fields)
+
+    def describe(self, view="center"):
+        """One line for people, e.g. "shorter side to 256 (bilinear,
+        antialiased), centre 224x224 crop, mean [...] std [...]"."""
+        size = f"{self.image_size}x{self.image_size}"
+        crops = (f"centre {size} crop" if view == "center"
+                 else f"ten {size} crops (centre, corners and their mirrors)")
+        numbers = lambda values: "[" + ", ".join(f"{v:g}" for v in values) + "]"  # noqa: E731
+        return (f"shorter side to {self.resize_size} ({self.interpolation}, antialiased), "
+                f"{crops}, mean {numbers(self.mean)} std {numbers(self.std)}")
 
     def at_size(self, image_size):
         """The same view at another crop size, keeping `resize_size /

@@ -4,8 +4,8 @@ import sys
 
 import tensorflow as tf
 
-from keras_resnext.applications import eval_transform
 from keras_resnext.preprocessing import preprocess_input
+from keras_resnext.transforms import EVAL_VIEWS, family_eval_transform, resolve_eval_transform
 from pipelines import cifar, imagenet
 from pipelines.sources import open_source
 
@@ -21,11 +21,15 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
                   manual_dir=None, tfrecord_label_offset=1,
                   tfrecord_num_classes=1000, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER,
                   deterministic=False, seed=None, input_context=None,
-                  color_jitter=False, pca_lighting=False):
+                  color_jitter=False, pca_lighting=False, eval_view="center",
+                  crop_pct=None, interpolation=None, eval_transform=None):
     """One pass over a split as batches of `(images, labels)`.
 
     Images are float32 [batch, image_size, image_size, 3], normalised by
     `keras_resnext.preprocess_input`; labels are int32 [batch]. Callers repeat.
+    The ten-crop eval view gives [batch, 10, image_size, image_size, 3]:
+    `keras_resnext.training.evaluate_model` averages the model's
+    probabilities over the crops.
 
     Args:
       source: a source string (see `pipelines.sources`): a TFDS name or
@@ -35,10 +39,11 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
       training: random crops and flips, shuffled, full batches only.
         Otherwise the deterministic eval view of every example exactly once,
         the last partial batch included.
-      image_size: crop size; default 224 (ImageNet-style) or 32 (CIFAR-style).
+      image_size: crop size; default `eval_transform`'s, else 224
+        (ImageNet-style) or 32 (CIFAR-style).
       resize_size: ImageNet-style eval only, the shorter side before the centre
-        crop; default `keras_resnext.applications.eval_transform`'s (256 for
-        224, in that proportion for other sizes).
+        crop; default `eval_transform`'s at `image_size` (the family's: 256
+        for 224, in that proportion for other sizes).
       preprocessing: "imagenet" or "cifar"; default "cifar" for 32x32 images.
       data_dir, manual_dir: passed to TFDS.
       tfrecord_label_offset: subtracted from TFRecord labels (1 for TF's
@@ -54,6 +59,15 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
         reads its own shard of the split.
       color_jitter, pca_lighting: fb.resnet.torch's colour augmentations for
         ImageNet-style training.
+      eval_view: ImageNet-style eval, "center" (§4's single crop) or
+        "ten_crop" (fb.resnet.torch's: centre and corners, and their mirrors).
+      crop_pct: ImageNet-style eval, timm's crop fraction instead of
+        `resize_size`: resize to floor(image_size / crop_pct).
+      interpolation: ImageNet-style eval resize, "bilinear" or "bicubic"
+        (antialiased); default `eval_transform`'s.
+      eval_transform: a `keras_resnext.transforms.EvalTransform` (or its
+        dict), e.g. `model_eval_transform(model)`, that the eval arguments
+        above override; default the family's (§4).
 
     Unreadable images (truncated, corrupt, empty) are skipped; at the end of
     each pass the pipeline prints to stderr how many it skipped and a few names.
@@ -77,11 +91,20 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
             "color_jitter and pca_lighting are ImageNet-style augmentations; "
             f"{source} uses CIFAR-style preprocessing."
         )
-    image_size, default_resize_size = eval_transform(preprocessing, image_size)
-    if resize_size is None:
-        resize_size = default_resize_size
+    if eval_view not in EVAL_VIEWS:
+        raise ValueError(f"Unknown eval_view {eval_view!r}; use one of {', '.join(EVAL_VIEWS)}.")
+    if preprocessing == "cifar" and (eval_view != "center" or crop_pct or interpolation):
+        raise ValueError(
+            "eval_view, crop_pct and interpolation are ImageNet-style eval options; "
+            f"{source} uses CIFAR-style preprocessing (the image as it is).")
+    transform = resolve_eval_transform(
+        eval_transform or family_eval_transform(preprocessing), image_size=image_size,
+        # CIFAR-style views take the image as it is.
+        resize_size=resize_size if preprocessing == "imagenet" else None,
+        crop_pct=crop_pct, interpolation=interpolation)
+    image_size = transform.image_size
     preprocess = _preprocess_function(
-        preprocessing, training, image_size, resize_size, color_jitter, pca_lighting
+        preprocessing, training, image_size, transform, color_jitter, pca_lighting, eval_view
     )
     deterministic = deterministic or not training
     if training and deterministic and seed is None:
@@ -135,8 +158,8 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
     return dataset.with_options(options)
 
 
-def _preprocess_function(preprocessing, training, image_size, resize_size,
-                         color_jitter, pca_lighting):
+def _preprocess_function(preprocessing, training, image_size, eval_transform,
+                         color_jitter, pca_lighting, eval_view):
     if preprocessing == "cifar":
         if training:
             return lambda image_bytes, seed: cifar.preprocess_for_train(
@@ -150,7 +173,7 @@ def _preprocess_function(preprocessing, training, image_size, resize_size,
             pca_lighting=pca_lighting,
         )
     return lambda image_bytes, seed: imagenet.preprocess_for_eval(
-        image_bytes, image_size, resize_size
+        image_bytes, transform=eval_transform, view=eval_view
     )
 
 

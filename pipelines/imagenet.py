@@ -4,8 +4,9 @@ Training follows fb.resnet.torch, the code the paper's models were trained
 with: a random crop of 8%-100% of the area with aspect ratio 3/4-4/3 (Szegedy
 et al.), resized bicubically to `image_size` and flipped, with its colour
 jitter and PCA lighting on request. Only the crop of a JPEG is decoded.
-Evaluation is `keras_resnext`'s single centre crop, re-exported here so that
-datasets and serving share one definition.
+Evaluation is `keras_resnext`'s eval view (a single centre crop, or
+fb.resnet.torch's ten crops), re-exported here so that datasets and serving
+share one definition.
 
 Random ops are stateless: each call takes a `seed` ([2] integers), so a
 pipeline that hands out seeds deterministically is reproducible.

@@ -66,7 +66,8 @@ for outputs in (result["served"], result["preprocessed"]):
     outputs["class_names"] = decode(outputs["class_names"])
     outputs["error"] = [s.decode() for s in outputs["error"]]
 result["metadata"]["class_names"] = [s.decode() for s in result["metadata"]["class_names"]]
-result["metadata"]["preprocessing"] = result["metadata"]["preprocessing"].decode()
+for key in ("preprocessing", "interpolation", "eval_transform"):
+    result["metadata"][key] = result["metadata"][key].decode()
 print("RESULT" + json.dumps(result))
 """
 
@@ -99,9 +100,14 @@ def test_served_probabilities_match_the_keras_model_in_a_fresh_process(tmp_path)
         assert outputs["class_names"] == [[CLASS_NAMES[i] for i in row] for row in best]
         assert outputs["valid"] == [True] * len(paths)
         assert outputs["error"] == [""] * len(paths)
+    transform = kr.applications.model_eval_transform(model).with_overrides(resize_size=36)
+    assert json.loads(result["metadata"].pop("eval_transform")) == transform.get_config()
+    np.testing.assert_allclose(result["metadata"].pop("mean"), transform.mean, rtol=1e-7)
+    np.testing.assert_allclose(result["metadata"].pop("std"), transform.std, rtol=1e-7)
     assert result["metadata"] == dict(image_size=32, resize_size=36, class_names=CLASS_NAMES,
                                       preprocessing="keras_resnext.preprocess_for_eval",
-                                      max_pixels=export.DEFAULT_MAX_PIXELS)
+                                      max_pixels=export.DEFAULT_MAX_PIXELS,
+                                      interpolation="bilinear")
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         graph = f.read()
     assert b"_XlaMustCompile" not in graph

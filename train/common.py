@@ -59,8 +59,8 @@ with _each_stderr_line_once():
     import keras_resnext as kr  # before TensorFlow, see keras_resnext/__init__
     import pipelines
     from keras_resnext import training
-    from keras_resnext.applications import eval_transform
     from keras_resnext.export import export_saved_model
+    from keras_resnext.transforms import family_eval_transform, model_eval_transform
     from keras_resnext.weights import load_weights
     from keras_resnext.weights.fetch import is_path as is_weights_path
     from train import options
@@ -118,6 +118,9 @@ def check_flags(run):
     if (run.weights and is_weights_path(run.weights)
             and not (os.path.exists(run.weights) or _is_checkpoint(run.weights))):
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
+    if run.resize_size is not None and run.crop_pct is not None:
+        raise training.UserError("--resize_size and --crop_pct both set the eval resize; "
+                                 "give one of them.")
     _architecture(run)
 
 
@@ -142,7 +145,7 @@ def _execute(run):
         train_info = None if run.eval_only else _describe(run, "train")
     class_names = list(val_info.class_names)
     preprocessing = run.preprocessing or val_info.preprocessing
-    resize_size = _eval_resize_size(run, preprocessing)
+    transform = eval_transform_of(run, preprocessing)
 
     def model_fn():
         with _as_user_errors():
@@ -151,14 +154,18 @@ def _execute(run):
                 _load_initial_weights(model, run.weights)
         return model
 
-    val_split = training.InputSplit(_dataset_fn(run, "val", preprocessing, resize_size),
-                                    val_info.num_examples, source=run.dataset)
     if run.eval_only:
         with strategy.scope():
             with _as_user_errors():
                 model = build_model(run, num_classes=len(class_names))
             evaluated = _load_weights_to_evaluate(model, run)
+        # The view the weights record, unless flags change it.
+        transform = eval_transform_of(run, preprocessing, model)
+        val_split = training.InputSplit(_dataset_fn(run, "val", preprocessing, transform),
+                                        val_info.num_examples, source=run.dataset)
+        print(f"Eval view: {transform.describe(run.eval_view)}.", flush=True)
         metrics = training.evaluate_model(model, val_split, run.batch_size, strategy)
+        metrics.update(eval_transform=transform.get_config(), eval_view=run.eval_view)
         print(f"{evaluated} on {run.dataset} val ({metrics['num_examples']} of "
               f"{metrics['num_examples_expected']} images): "
               f"top1 {metrics['top1']:.4f} - top5 {metrics['top5']:.4f}", flush=True)
@@ -168,7 +175,9 @@ def _execute(run):
                 json.dump(metrics, f, indent=2)
     else:
         config = training.config_from_recipe(run.family, run.model_dir, **run.training_overrides)
-        train_split = training.InputSplit(_dataset_fn(run, "train", preprocessing, resize_size),
+        val_split = training.InputSplit(_dataset_fn(run, "val", preprocessing, transform),
+                                        val_info.num_examples, source=run.dataset)
+        train_split = training.InputSplit(_dataset_fn(run, "train", preprocessing, transform),
                                           train_info.num_examples, source=run.dataset)
         _print_run(run, config, train_info, val_info, strategy)
         result = training.train(model_fn, train_split, val_split, config, strategy)
@@ -177,7 +186,7 @@ def _execute(run):
         path, exported = training.export_once(
             run.model_dir, run.export_dir, metrics.get("epochs_completed"),
             lambda: export_saved_model(model, run.export_dir, class_names=class_names,
-                                       image_size=run.image_size, resize_size=resize_size))
+                                       transform=transform))
         print(f"Exported SavedModel to {path}" if exported else
               f"{path} already exported this run; not exporting it again.", flush=True)
     training.wait_for_all_workers(strategy)
@@ -228,12 +237,28 @@ def _print_run(run, config, train_info, val_info, strategy):
         f"weight decay {config.weight_decay:g}, {config.epochs} epochs.", flush=True)
 
 
-def _eval_resize_size(run, preprocessing):
-    _, resize_size = eval_transform(preprocessing, run.image_size)
-    # --resize_size is for ImageNet-style views; CIFAR-style ones take the image as it is.
-    if run.resize_size is not None and preprocessing != "cifar":
-        return run.resize_size
-    return resize_size
+def eval_transform_of(run, preprocessing, model=None):
+    """The `EvalTransform` `run` evaluates (and exports) with: `model`'s (the
+    one its weights record, else its family's) or the family's at
+    --image_size, with --resize_size, --crop_pct and --interpolation applied.
+    Those are for ImageNet-style views; CIFAR-style ones take the image as
+    it is."""
+    imagenet_style = preprocessing != "cifar"
+    given = [f"--{name}" for name in ("crop_pct", "interpolation")
+             if getattr(run, name) is not None]
+    given += ["--eval_view ten_crop"] if run.eval_view != "center" else []
+    if given and not imagenet_style:
+        raise training.UserError(f"{', '.join(given)}: ImageNet-style eval options; "
+                                 f"{run.dataset} uses CIFAR-style preprocessing.")
+    if getattr(model, "eval_transform", None) is not None:
+        base = model_eval_transform(model)
+    else:
+        base = family_eval_transform(preprocessing, run.image_size)
+    if not imagenet_style:
+        return base
+    with _as_user_errors():
+        return base.with_overrides(resize_size=run.resize_size, crop_pct=run.crop_pct,
+                                   interpolation=run.interpolation)
 
 
 def _describe(run, split):
@@ -243,11 +268,12 @@ def _describe(run, split):
         tfrecord_num_classes=run.tfrecord_num_classes)
 
 
-def _dataset_fn(run, split, preprocessing, resize_size):
+def _dataset_fn(run, split, preprocessing, eval_transform):
     def dataset_fn(per_replica_batch_size, input_context):
         return pipelines.build_dataset(
             run.dataset, split, per_replica_batch_size, training=split == "train",
-            image_size=run.image_size, resize_size=resize_size, preprocessing=preprocessing,
+            image_size=run.image_size, eval_transform=eval_transform,
+            eval_view=run.eval_view, preprocessing=preprocessing,
             data_dir=run.data_dir, manual_dir=run.manual_dir,
             tfrecord_label_offset=run.tfrecord_label_offset,
             tfrecord_num_classes=run.tfrecord_num_classes,

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 
 import keras_resnext as kr
 from keras_resnext import training
+from keras_resnext.transforms import EVAL_VIEWS, INTERPOLATIONS
 
 DEFAULT_DATASETS = {"imagenet": "imagenette/160px-v2", "cifar": "cifar10"}
 DEFAULT_PRESETS = {"imagenet": "resnext50_32x4d", "cifar": "resnext29_8x64d"}
@@ -114,7 +115,19 @@ OPTIONS = (
            "Training and evaluation crop size.", bounds=dict(lower_bound=8)),
     Option("resize_size", "integer", None,
            "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
-           "Default 256/224 of --image_size.", bounds=dict(lower_bound=8)),
+           "Default the weights' eval transform, else 256/224 of --image_size.",
+           bounds=dict(lower_bound=8)),
+    Option("crop_pct", "float", None,
+           "Eval (ImageNet-style), timm's crop fraction instead of --resize_size: resize the "
+           "shorter side to floor(image_size / crop_pct).",
+           bounds=dict(lower_bound=0.01, upper_bound=1.0)),
+    Option("interpolation", "enum", None,
+           "Eval resize (ImageNet-style, antialiased). Default the weights' eval transform, "
+           "else bilinear.", choices=INTERPOLATIONS),
+    Option("eval_view", "enum", "center",
+           "Eval (ImageNet-style): center, the single centre crop; ten_crop, the centre and "
+           "four corners and their mirrors (fb.resnet.torch), probabilities averaged.",
+           choices=EVAL_VIEWS),
     Option("warmup_epochs", "float", _config_default("warmup_epochs"),
            "Linear learning-rate warmup (large batches).", goes_to=(TRAINING,),
            bounds=dict(lower_bound=0)),

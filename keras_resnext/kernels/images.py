@@ -9,11 +9,8 @@ is one definition of it in the project; `read_image_header` and
 import tensorflow as tf
 
 from keras_resnext.preprocessing import preprocess_input
-from keras_resnext.transforms import resolve_eval_transform
+from keras_resnext.transforms import EVAL_VIEWS, resolve_eval_transform
 
-# Single centre crop (§4), or fb.resnet.torch's TenCrop: the centre and the
-# four corners of the resized image and of its mirror image.
-EVAL_VIEWS = ("center", "ten_crop")
 TEN_CROPS = 10
 
 
@@ -39,12 +36,21 @@ def resize_shorter_side(image, resize_size, interpolation="bilinear"):
     scale = tf.cast(resize_size, tf.float64) / shorter
     new_height = tf.cast(tf.round(height * scale), tf.int32)
     new_width = tf.cast(tf.round(width * scale), tf.int32)
-    resized = tf.image.resize(
-        image, tf.stack([new_height, new_width]), method=interpolation, antialias=True
-    )
     if interpolation == "bilinear":
-        return resized
-    # Bicubic overshoots at edges; PIL's uint8 result is clipped to [0, 255].
+        return tf.image.resize(
+            image, tf.stack([new_height, new_width]), method="bilinear", antialias=True
+        )
+    # Bicubic overshoots at edges. PIL (timm's eval) and torchvision's uint8
+    # kernels resize one axis at a time, widths first, and keep the image in
+    # uint8 between the passes, so the overshoot is clipped there too: done in
+    # one float pass, 0.2% of the pixels differed from PIL's by 2 to 7 levels.
+    wide = tf.image.resize(
+        image, tf.stack([shape[0], new_width]), method="bicubic", antialias=True
+    )
+    wide = tf.cast(tf.round(tf.clip_by_value(wide, 0.0, 255.0)), tf.uint8)
+    resized = tf.image.resize(
+        wide, tf.stack([new_height, new_width]), method="bicubic", antialias=True
+    )
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_resnext.preprocessing import outputs_probabilities
 from keras_resnext.training import run_dir
 from keras_resnext.training.checkpoints import Checkpoints, run_settings
 from keras_resnext.training.distribute import (
@@ -167,11 +168,11 @@ class _TrainingRun:
                                      self.ema_weights)
         average_local_state = make_average_local_state(strategy, self._local_state())
         self.evaluate = make_evaluate(
-            self.model, strategy,
+            CropAveraged(self.model), strategy,
             distribute_split(strategy, self.val_split, config.batch_size, repeat=False),
             self.val_split.num_examples)
         probe = make_evaluate(
-            self.model, strategy,
+            CropAveraged(self.model), strategy,
             distribute_split(strategy, _first_batch(self.val_split), config.batch_size,
                              repeat=False))
         self.last_train, self.final, iterator = {}, None, None
@@ -278,11 +279,41 @@ def _check_finite(loss, what, epoch, checkpoint_dir):
         raise diverged(f"the {what} is {loss} after epoch {epoch + 1}", checkpoint_dir)
 
 
+class CropAveraged:
+    """`model` for evaluation batches of several crops per image, [batch,
+    crops, height, width, 3] (`pipelines.build_dataset(eval_view="ten_crop")`):
+    its probabilities averaged over each image's crops, returned as their log,
+    so that the loss and top-k that `make_evaluate` computes from "logits"
+    are those of the averaged probabilities (softmax gives them back).
+    Batches of single images [batch, height, width, 3] pass through as they are.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.output_shape = model.output_shape
+
+    def __call__(self, images, training=False):
+        if images.shape.rank != 5:
+            return self.model(images, training=training)
+        shape = tf.shape(images)
+        crops = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
+        outputs = tf.cast(self.model(crops, training=training), tf.float32)
+        log_probabilities = (tf.math.log(tf.maximum(outputs, tf.float32.tiny))
+                             if outputs_probabilities(self.model)
+                             else tf.nn.log_softmax(outputs))
+        log_probabilities = tf.reshape(log_probabilities, [shape[0], shape[1], -1])
+        # log(mean(p)) without underflow.
+        return (tf.reduce_logsumexp(log_probabilities, axis=1)
+                - tf.math.log(tf.cast(shape[1], tf.float32)))
+
+
 def evaluate_model(model, val_split, batch_size, strategy=None):
     """Top-1/top-5 of `model` (logits or probabilities) on one pass of
     `val_split`, across `strategy`'s replicas. Build the model in the
-    strategy's scope."""
+    strategy's scope. A split of several crops per image (ten-crop) is scored
+    on the model's probabilities averaged over each image's crops
+    (`CropAveraged`)."""
     strategy = strategy or tf.distribute.get_strategy()
     return make_evaluate(
-        model, strategy, distribute_split(strategy, val_split, batch_size, repeat=False),
+        CropAveraged(model), strategy, distribute_split(strategy, val_split, batch_size, repeat=False),
         val_split.num_examples)()
