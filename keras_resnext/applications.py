@@ -4,8 +4,7 @@ named presets as data, `build(name, **overrides)` and the eval transform."""
 from keras_resnext.models import IMAGENET_STAGE_DEPTHS, ResNeXt, cifar_stage_depths, default_name
 from keras_resnext.transforms import (  # noqa: F401  model_eval_transform is public here
     FAMILY_EVAL_TRANSFORMS, EvalTransform, family_eval_transform, model_eval_transform)
-from keras_resnext.weights import catalog, fetch
-from keras_resnext.weights.loading import load_source
+from keras_resnext.weights import catalog, fetch, loading
 
 # Each preset fixes the architecture. `num_params` counts trainable parameters
 # (torchvision's `num_params`, the paper's "# params"); `gflops` counts
@@ -108,7 +107,7 @@ def _build(stage_depths, stem, default, weights, arguments):
         source = fetch.resolve(weights, architecture)
     model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
     if source is not None:
-        load_source(model, source)  # records the weights' eval transform unless given one
+        loading.load_source(model, source)  # records the weights' eval transform unless given one
     return model
 
 
