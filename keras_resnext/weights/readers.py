@@ -124,7 +124,7 @@ def _read_torch(path):
         raise ValueError(f"Could not read {path} as a PyTorch state dict: {error}") from None
     state = _state_dict_in(loaded, path)
     return {
-        name: value.astype(np.float32) if isinstance(value, np.ndarray)
+        name: value.astype(np.float32, copy=False) if isinstance(value, np.ndarray)
         and np.issubdtype(value.dtype, np.floating) else value
         for name, value in state.items()
     }
