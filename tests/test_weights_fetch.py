@@ -132,6 +132,18 @@ def test_a_download_whose_hash_differs_from_its_name_is_refused_and_deleted(
     assert not [files for _, _, files in os.walk(keras_home / "keras_resnext") if files]
 
 
+@pytest.mark.parametrize("file_name", ["tiny.pth", "config.json"])
+def test_an_error_page_served_as_a_file_is_refused_and_not_kept(server, keras_home, file_name):
+    (server.folder / file_name).write_text("<html>Please sign in to the hotel wifi</html>")
+    url = server.url + file_name
+    with pytest.raises(ValueError) as error:
+        fetch.WeightsSource(url, fetch.cache_path(url), url).local_path()
+    message = one_line(error)
+    assert fetch.cache_path(url) in message
+    assert message.endswith(f"Downloaded from {url} and deleted; nothing was loaded.")
+    assert not [files for _, _, files in os.walk(keras_home / "keras_resnext") if files]
+
+
 def test_names_are_case_insensitive_and_unknown_ones_list_the_valid_ones():
     for name in ("imagenet", "IMAGENET", "imagenet1k_v2", "ImageNet1K_V1"):
         assert catalog.is_weights_name(name)

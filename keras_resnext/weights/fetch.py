@@ -17,11 +17,12 @@ import tempfile
 import urllib.parse
 import urllib.request
 import uuid
+import zipfile
 
 import keras
 
 from keras_resnext.transforms import EvalTransform
-from keras_resnext.weights import catalog
+from keras_resnext.weights import catalog, readers
 
 CACHE_SUBDIR = "keras_resnext"
 HF_WEIGHTS_FILE = "model.safetensors"
@@ -117,10 +118,7 @@ def _from_hf(handle, architecture):
     config_url = repo_url + HF_CONFIG_FILE
     config_path = WeightsSource(handle, cache_path(config_url), config_url).local_path()
     try:
-        with open(config_path, encoding="utf-8") as file:
-            config = json.load(file)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
+        config = _read_json(config_path)
     except (OSError, ValueError) as error:
         raise ValueError(f"Could not read {config_path} ({config_url}): {error}") from None
     held = config.get("architecture")
@@ -132,6 +130,14 @@ def _from_hf(handle, architecture):
     weights_url = repo_url + HF_WEIGHTS_FILE
     return WeightsSource(handle, cache_path(weights_url), weights_url,
                          _timm_eval_transform(config, handle))
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    if not isinstance(config, dict):
+        raise ValueError("not a JSON object")
+    return config
 
 
 def _timm_eval_transform(config, handle):
@@ -177,8 +183,9 @@ def cache_path(url):
 
 def download(url, target):
     """Download `url` to `target` through `keras.utils.get_file`, or raise one
-    line: `WeightsUnavailable` naming the URL and `target`, or `HashMismatch`
-    (the file is then deleted)."""
+    line: `WeightsUnavailable` naming the URL and `target`, or a ValueError
+    (`HashMismatch`, or contents that aren't what `target` is named: an error
+    page served as a file), the download then deleted."""
     root = cache_root()
     directory, file_name = os.path.split(target)
     # A private name until it is checked: a crashed download, or another
@@ -196,10 +203,29 @@ def download(url, target):
         ) from None
     try:
         check_hash_prefix(partial, file_name, url)
-    except HashMismatch:
+        _check_contents(partial, target, url)
+    except ValueError:
         os.remove(partial)
         raise
     os.replace(partial, target)
+
+
+def _check_contents(path, target, url):
+    """Raise unless the download at `path` reads as what `target` is named:
+    JSON for a .json file, else a weights file."""
+    try:
+        if target.endswith(".json"):
+            try:
+                _read_json(path)
+            except ValueError as error:
+                raise ValueError(f"{path} is not a JSON object ({error})") from None
+        else:
+            readers.detect_format(path)
+    except (ValueError, zipfile.BadZipFile) as error:
+        problem = " ".join(str(error).replace(path, target).split()) or type(error).__name__
+        raise ValueError(
+            f"{problem.rstrip('.')}. Downloaded from {url} and deleted; nothing was loaded."
+        ) from None
 
 
 def check_hash_prefix(path, file_name, url):
