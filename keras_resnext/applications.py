@@ -2,8 +2,8 @@
 named presets as data, `build(name, **overrides)` and the eval transform."""
 
 from keras_resnext.models import IMAGENET_STAGE_DEPTHS, ResNeXt, cifar_stage_depths, default_name
-from keras_resnext.transforms import (  # noqa: F401  model_eval_transform is public here
-    FAMILY_EVAL_TRANSFORMS, EvalTransform, family_eval_transform, model_eval_transform)
+from keras_resnext.transforms import (
+    FAMILY_EVAL_TRANSFORMS, family_eval_transform, model_eval_transform)
 from keras_resnext.weights import catalog, fetch, loading
 
 # Each preset fixes the architecture. `num_params` counts trainable parameters

@@ -123,9 +123,8 @@ class EvalTransform:
         size = f"{self.image_size}x{self.image_size}"
         crops = (f"centre {size} crop" if view == "center"
                  else f"ten {size} crops (centre, corners and their mirrors)")
-        numbers = lambda values: "[" + ", ".join(f"{v:g}" for v in values) + "]"  # noqa: E731
         return (f"shorter side to {self.resize_size} ({self.interpolation}, antialiased), "
-                f"{crops}, mean {numbers(self.mean)} std {numbers(self.std)}")
+                f"{crops}, mean {_listed(self.mean)} std {_listed(self.std)}")
 
     def at_size(self, image_size):
         """The same view at another crop size, keeping `resize_size /
@@ -153,6 +152,10 @@ class EvalTransform:
         if interpolation is not None:
             transform = dataclasses.replace(transform, interpolation=interpolation)
         return transform
+
+
+def _listed(values):
+    return "[" + ", ".join(f"{value:g}" for value in values) + "]"
 
 
 # timm's DEFAULT_CROP_PCT, for configs that leave crop_pct out.

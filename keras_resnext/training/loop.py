@@ -315,5 +315,6 @@ def evaluate_model(model, val_split, batch_size, strategy=None):
     (`CropAveraged`)."""
     strategy = strategy or tf.distribute.get_strategy()
     return make_evaluate(
-        CropAveraged(model), strategy, distribute_split(strategy, val_split, batch_size, repeat=False),
+        CropAveraged(model), strategy,
+        distribute_split(strategy, val_split, batch_size, repeat=False),
         val_split.num_examples)()
