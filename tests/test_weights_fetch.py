@@ -181,6 +181,18 @@ def test_names_resolve_to_torchvisions_files_and_eval_transforms(architecture, n
     assert source.eval_transform == EvalTransform(224, resize_size, "bilinear")
 
 
+def test_the_readme_table_is_the_catalog():
+    from conftest import REPO_ROOT
+
+    readme = pathlib.Path(REPO_ROOT, "README.md").read_text()
+    for entry in catalog.TORCHVISION_WEIGHTS:
+        best = catalog.named_weights("imagenet", entry.architecture) == entry
+        row = (f"| `{entry.architecture}` | {entry.name} | {'✓ ' if best else ''}| "
+               f"`{entry.file}` | {entry.top1:.3f} | {entry.top5:.3f} | "
+               f"{entry.resize_size} → {entry.image_size}, {entry.interpolation} |")
+        assert row in readme
+
+
 @pytest.mark.parametrize("stem, stage_depths, cardinality, width, name", [
     ("imagenet", (3, 4, 6, 3), 32, 4, "resnext50_32x4d"),
     ("imagenet", (3, 4, 23, 3), 32, 8, "resnext101_32x8d"),
