@@ -4,7 +4,7 @@ named presets as data, `build(name, **overrides)` and the eval transform."""
 from keras_resnext.models import IMAGENET_STAGE_DEPTHS, ResNeXt, cifar_stage_depths, default_name
 from keras_resnext.transforms import (
     FAMILY_EVAL_TRANSFORMS, family_eval_transform, model_eval_transform)
-from keras_resnext.weights import load_weights
+from keras_resnext.weights import catalog, fetch, loading
 
 # Each preset fixes the architecture. `num_params` counts trainable parameters
 # (torchvision's `num_params`, the paper's "# params"); `gflops` counts
@@ -98,9 +98,16 @@ def build(name, **overrides):
 
 def _build(stage_depths, stem, default, weights, arguments):
     name = arguments.pop("name") or default
-    model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
+    source = None
     if weights is not None:
-        load_weights(model, weights)
+        # Before building: a name or handle the architecture has no weights
+        # under fails at once.
+        architecture = catalog.architecture_name(
+            stem, stage_depths, arguments["cardinality"], arguments["width"])
+        source = fetch.resolve(weights, architecture)
+    model = ResNeXt(stage_depths, stem=stem, name=name, **arguments)
+    if source is not None:
+        loading.load_source(model, source)  # records the weights' eval transform unless given one
     return model
 
 

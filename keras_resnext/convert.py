@@ -4,7 +4,9 @@
         resnext50_32x4d.weights.h5 --model resnext50_32x4d
 
 SRC is a PyTorch state dict (.pth/.pt), a .safetensors file or a .weights.h5,
-with torchvision's or timm's key names. The classifier is kept as SRC has it.
+with torchvision's or timm's key names, or what `weights=` also takes: a
+weights name (imagenet, IMAGENET1K_V1), a URL or hf://OWNER/REPO. The
+classifier is kept as SRC has it.
 """
 
 # argparse, not absl flags: this module lives in the library, and absl's global
@@ -13,7 +15,7 @@ import argparse
 import os
 
 from keras_resnext.applications import PRESETS, build
-from keras_resnext.weights import loading, readers
+from keras_resnext.weights import fetch, loading, readers
 
 
 def convert(source, destination, preset):
@@ -24,7 +26,7 @@ def convert(source, destination, preset):
     """
     if not os.fspath(destination).endswith(".weights.h5"):
         raise ValueError(f"The destination must end in .weights.h5; got {destination}.")
-    path = readers.weights_path(source)
+    path = readers.weights_path(fetch.resolve(source, preset).local_path())
     file_format = readers.detect_format(path)
     checkpoint = None
     if file_format == readers.KERAS:

@@ -10,6 +10,7 @@ we read torch's own files exactly as `torch.load(weights_only=True)` does.
 
 import os
 import pickle
+import struct
 import sys
 import zipfile
 
@@ -160,6 +161,39 @@ def test_big_endian_storages_are_read(mixed, tmp_path):
         archive.writestr("archive/byteorder", "big")
         archive.writestr("archive/data/0", np.array([1.5, -2, 7], ">f4").tobytes())
     np.testing.assert_array_equal(torch_zip.load(str(path))["w"], [1.5, -2, 7])
+
+
+def _zero_crcs(path):
+    """Every CRC-32 0, as torch.save writes under set_crc32_options(False)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        local_headers, offset = [info.header_offset for info in archive.infolist()], \
+            archive.start_dir
+    for header in local_headers:
+        data[header + 14:header + 18] = bytes(4)
+    while data[offset:offset + 4] == b"PK\x01\x02":  # the central directory's entries
+        data[offset + 16:offset + 20] = bytes(4)
+        offset += 46 + sum(struct.unpack("<HHH", data[offset + 28:offset + 34]))
+    path.write_bytes(bytes(data))
+
+
+def test_a_zip_saved_without_crcs_is_read_as_torch_reads_it(mixed, tmp_path):
+    path = tmp_path / "no_crc.pth"
+    write_torch_zip(path, *mixed[:2])
+    _zero_crcs(path)
+    assert_exactly(torch_zip.load(str(path)), mixed[2])
+
+
+def test_a_corrupted_storage_fails_its_crc(mixed, tmp_path):
+    path = tmp_path / "corrupted.pth"
+    write_torch_zip(path, *mixed[:2])
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("archive/data/0")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + 5] ^= 1  # no extra field here
+    path.write_bytes(bytes(data))
+    with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32 for file 'archive/data/0'"):
+        torch_zip.load(str(path))
 
 
 @pytest.mark.parametrize("view", [Tensor("0", 10, (4,), (1,)), Tensor("0", 0, (3, 4), (5, 1))])

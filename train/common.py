@@ -63,6 +63,7 @@ with _each_stderr_line_once():
     from keras_resnext.export import export_saved_model
     from keras_resnext.transforms import family_eval_transform, model_eval_transform
     from keras_resnext.weights import load_weights
+    from keras_resnext.weights.fetch import is_path as is_weights_path
     from train import options
     from train.options import DEFAULT_PRESETS
 
@@ -115,7 +116,8 @@ def check_flags(run):
     if run.eval_only and not (run.weights or run.model_dir):
         raise training.UserError("--eval_only evaluates --weights, or the latest checkpoint "
                                  "in --model_dir; pass one of them.")
-    if run.weights and not (os.path.exists(run.weights) or _is_checkpoint(run.weights)):
+    if (run.weights and is_weights_path(run.weights)
+            and not (os.path.exists(run.weights) or _is_checkpoint(run.weights))):
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
     if run.resize_size is not None and run.crop_pct is not None:
         raise training.UserError("--resize_size and --crop_pct both set the eval resize; "

@@ -11,22 +11,35 @@ import warnings
 
 from keras_resnext.models import ResNeXt, default_name
 from keras_resnext.reformulate import reformulate
-from keras_resnext.weights import names, readers
+from keras_resnext.weights import catalog, fetch, names, readers
 
 _LISTED = 12
 
 
 def load_weights(model, weights):
-    """Load `weights` (a file path) into `model`, or raise naming the problem."""
-    path = readers.weights_path(weights)
+    """Load `weights` into `model`, or raise naming the problem.
+
+    `weights` is a file path, a weights name ("imagenet", "IMAGENET1K_V1"), an
+    http(s):// or file:// URL, or hf://OWNER/REPO (see `fetch`); downloads are
+    cached.
+    """
+    _require_resnext(model)
+    return load_source(model, fetch.resolve(weights, architecture_of(model)))
+
+
+def load_source(model, source):
+    """Load a `fetch.WeightsSource` into `model`. Where the source publishes
+    its eval transform and `model` records none, `model` records it."""
+    path = readers.weights_path(source.local_path())
     file_format = readers.detect_format(path)
     if file_format == readers.KERAS:
-        if _load_keras_in_place(model, path):
-            return model
-        checkpoint = readers.read_keras(path, model)
+        loaded = _load_keras_in_place(model, path)
+        if not loaded:
+            load_tensors(model, readers.read_keras(path, model))
     else:
-        checkpoint = readers.read_torch_layout(path, file_format)
-    load_tensors(model, checkpoint)
+        load_tensors(model, readers.read_torch_layout(path, file_format))
+    if source.eval_transform is not None and model.eval_transform is None:
+        model.eval_transform = source.eval_transform
     return model
 
 
@@ -47,6 +60,12 @@ def _load_keras_in_place(model, path):
     for variable, value in zip(model.weights, snapshot):
         variable.assign(value)
     raise ValueError(f"{path} does not fit {model.name}; nothing was loaded: {failure}")
+
+
+def architecture_of(model):
+    """`model`'s preset name where weights may be published for it, else None."""
+    return catalog.architecture_name(model.stem, model.stage_depths, model.cardinality,
+                                     model.width)
 
 
 def _require_resnext(model):

@@ -89,11 +89,6 @@ def detect_format(path):
 
 def weights_path(weights):
     """The file `weights` names, or raise naming the problem."""
-    if isinstance(weights, str) and weights.lower() == "imagenet":
-        raise ValueError(
-            "weights='imagenet': keras_resnext hosts no weight files; download a "
-            "checkpoint and pass its path (see the README's 'Pretrained weights')."
-        )
     try:
         path = os.fspath(weights)
     except TypeError:
@@ -129,7 +124,7 @@ def _read_torch(path):
         raise ValueError(f"Could not read {path} as a PyTorch state dict: {error}") from None
     state = _state_dict_in(loaded, path)
     return {
-        name: value.astype(np.float32) if isinstance(value, np.ndarray)
+        name: value.astype(np.float32, copy=False) if isinstance(value, np.ndarray)
         and np.issubdtype(value.dtype, np.floating) else value
         for name, value in state.items()
     }

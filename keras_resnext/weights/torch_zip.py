@@ -15,8 +15,12 @@ bfloat16, which numpy lacks: it comes back as the float32 of the same value.
 """
 
 import collections
+import io
+import math
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -31,6 +35,10 @@ _STORAGE_DTYPES = {
     "IntStorage": "i4",
     "BoolStorage": "?",
 }
+# A zip member's local header: signature, 22 bytes we skip, then the lengths of
+# the name and extra fields that precede the member's data.
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 
@@ -120,21 +128,44 @@ def load(path):
 
 
 def _load_zip(path):
-    with zipfile.ZipFile(path) as archive:
-        pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as file:
+        names = archive.namelist()
+        pickles = [name for name in names if name.endswith("data.pkl")]
         if len(pickles) != 1:
             raise ValueError(f"expected one data.pkl in the zip, found {len(pickles)}")
         root = pickles[0][: -len("data.pkl")]
         byteorder = "little"
-        if f"{root}byteorder" in archive.namelist():
-            byteorder = archive.read(f"{root}byteorder").decode("ascii").strip()
-        with archive.open(pickles[0]) as file:
-            unpickler = _StateDictUnpickler(file)
-            result = unpickler.load()
+        if f"{root}byteorder" in names:
+            byteorder = bytes(_read_member(archive, file, f"{root}byteorder")).decode(
+                "ascii").strip()
+        unpickler = _StateDictUnpickler(io.BytesIO(_read_member(archive, file, pickles[0])))
+        result = unpickler.load()
         for storage in unpickler.storages.values():
-            raw = archive.read(f"{root}data/{storage.key}")
+            raw = _read_member(archive, file, f"{root}data/{storage.key}")
             storage.values = _storage_values(raw, storage, byteorder)
     return _resolve(result)
+
+
+def _read_member(archive, file, name):
+    """A zip member's bytes. torch.save stores them uncompressed: those are read
+    straight into a writable numpy buffer, one copy where zipfile's bytes took
+    two. Their CRC-32 is checked unless it is 0, which torch writes when told
+    not to compute it (torch.serialization.set_crc32_options(False)) and then
+    doesn't check either."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # 0x1: encrypted
+        return archive.read(name)
+    file.seek(info.header_offset)
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+    if signature != _LOCAL_HEADER_SIGNATURE:
+        raise zipfile.BadZipFile(f"bad local header for {name}")
+    file.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+    buffer = np.empty(info.file_size, np.uint8)
+    if file.readinto(buffer) != info.file_size:
+        raise zipfile.BadZipFile(f"{name} is truncated")
+    if info.CRC != 0 and zlib.crc32(buffer) != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {name!r}")
+    return buffer
 
 
 def _load_legacy(path):
@@ -200,6 +231,10 @@ def _tensor_values(view):
     last = view.offset + sum((extent - 1) * step for extent, step in zip(view.size, view.stride))
     if view.offset < 0 or (0 not in view.size and last >= values.size):
         raise ValueError(f"a tensor reaches past the end of storage {view.storage.key}")
+    if (values.flags.writeable and values.dtype.isnative and view.offset == 0
+            and view.storage.dtype != _BFLOAT16 and math.prod(view.size) == values.size
+            and _is_contiguous(view.size, view.stride)):
+        return values.reshape(view.size)  # the whole storage: share it, as torch does
     strided = np.lib.stride_tricks.as_strided(
         values[view.offset:] if 0 not in view.size else values[:0],
         shape=view.size,
@@ -211,3 +246,13 @@ def _tensor_values(view):
         # bfloat16 is float32's upper half, so this is exact.
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array
+
+
+def _is_contiguous(size, stride):
+    """Whether `stride` is the C-contiguous stride of `size` (extents of 1 take any)."""
+    expected = 1
+    for extent, step in reversed(list(zip(size, stride))):
+        if extent != 1 and step != expected:
+            return False
+        expected *= extent
+    return True
