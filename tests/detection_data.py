@@ -71,3 +71,17 @@ def write_coco_folder(root, splits=(("train", 8), ("val", 4)), height=128, width
             json.dump(document, f)
         written[split] = (images, objects)
     return written
+
+
+def import_keras_hub():
+    """keras_hub; without it the calling test module is skipped, except in CI
+    (CI=true), which installs the [hub] extra: there a missing keras-hub fails."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        import keras_hub
+
+        return keras_hub
+    return pytest.importorskip(
+        "keras_hub", reason='keras-hub is not installed: pip install -e ".[hub]" && '
+        'pip install --no-deps "keras-hub==0.32.*"')
