@@ -12,7 +12,9 @@ MultiWorkerMirroredStrategy, keras#20585).
 import dataclasses
 import json
 import csv
+import functools
 import os
+import random
 import shutil
 import time
 from typing import Callable, Optional
@@ -124,14 +126,14 @@ class DetectionResult:
 
 def train_detector(model_fn, train_split, val_split, config, strategy=None, log=print):
     """Train the detector `model_fn()` builds (in the strategy's scope) with
-    `model.fit`, one epoch per call, resuming from `config.model_dir`.
+    `model.fit`, resuming from `config.model_dir`.
 
     After each epoch: a CSV row (`training_log.csv`), TensorBoard scalars
     (`logs/train`) and a checkpoint (`checkpoints/ckpt-<epoch>`, written
     whole, so a kill leaves the previous one). A rerun resumes after the last
     checkpointed epoch, each epoch's input drawn from the seed and the epoch,
     as the uninterrupted run. At the end: COCO box AP on `val_split`, into
-    `metrics.json`."""
+    `metrics.json` and `logs/validation`. The model_dir is locked for the run."""
     strategy = strategy or tf.distribute.get_strategy()
     if worker_info(strategy)[2] > 1:
         raise UserError("Detection training runs on one machine (default or mirrored "
@@ -149,43 +151,41 @@ def train_detector(model_fn, train_split, val_split, config, strategy=None, log=
             model.compile(optimizer=optimizer)
             optimizer.build(model.trainable_variables)
             completed = tf.Variable(0, dtype=tf.int64, trainable=False, name="completed_epochs")
+            # --seed, else one drawn now and kept by the checkpoints for the resume.
+            data_seed = tf.Variable(
+                config.seed if config.seed is not None
+                else random.SystemRandom().randrange(2**31), dtype=tf.int64, trainable=False,
+                name="data_seed")
         settings = dict(batch_size=config.batch_size, steps_per_epoch=steps_per_epoch,
                         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                         momentum=config.momentum)
         checkpoints = Checkpoints(
             tf.train.Checkpoint(model=model, optimizer=optimizer, completed_epochs=completed,
+                                data_seed=data_seed,
                                 run_settings=tf.Variable(json.dumps(settings), trainable=False)),
             config.model_dir, True, 0, config.max_checkpoints)
         restored = checkpoints.restore_latest(settings, log)
         start_epoch = int(completed.numpy())
         if restored:
-            log(f"Restored {restored}: {start_epoch} of {config.epochs} epochs done.", flush=True)
+            log(f"Restored {restored}: {start_epoch} of {config.epochs} epochs done, optimizer "
+                f"step {int(optimizer.iterations.numpy())}.", flush=True)
         csv_path = os.path.join(config.model_dir, run_dir.CSV_LOG_NAME)
         run_dir.truncate_csv_log(csv_path, start_epoch, CSV_COLUMNS)
         writers = run_dir.create_summary_writers(config.model_dir)
-        seed = config.seed if config.seed is not None else 0
-        last = {}
-        for epoch in range(start_epoch, config.epochs):
-            learning_rate = float(optimizer.learning_rate.numpy())
-            started = time.perf_counter()
-            history = model.fit(
-                train_split.dataset_fn(seed + epoch).repeat(), epochs=epoch + 1,
-                initial_epoch=epoch, steps_per_epoch=steps_per_epoch, verbose=2)
-            seconds = time.perf_counter() - started
-            last = {name: values[-1] for name, values in history.history.items()}
-            if not np.isfinite(last["loss"]):
-                raise diverged(f"the training loss is {last['loss']} after epoch {epoch + 1}",
-                               checkpoints.directory)
-            row = dict(epoch=epoch + 1, learning_rate=learning_rate, loss=last["loss"],
-                       box_loss=last.get("bbox_regression_loss"),
-                       classification_loss=last.get("cls_logits_loss"), seconds=seconds,
-                       images_per_sec=steps_per_epoch * config.batch_size / seconds)
-            run_dir.append_csv_row(csv_path, row, CSV_COLUMNS)
-            run_dir.write_scalars(writers["train"], epoch + 1, {
-                f"epoch_{name}": value for name, value in row.items()
-                if name not in ("epoch", "seconds") and value is not None})
-            completed.assign(epoch + 1)
-            checkpoints.save(epoch + 1)
+        if config.seed is not None:
+            data_seed.assign(config.seed)
+        seed = int(data_seed.numpy())
+        epoch_logger = _EpochLogger(optimizer, completed, checkpoints, csv_path, writers,
+                                    steps_per_epoch * config.batch_size)
+        if start_epoch < config.epochs:
+            # One fit for the epochs left, each epoch its own pass drawn from the seed
+            # and the epoch, so a resumed run sees the data the uninterrupted one saw.
+            epochs = [train_split.dataset_fn(seed + epoch).repeat().take(steps_per_epoch)
+                      for epoch in range(start_epoch, config.epochs)]
+            model.fit(functools.reduce(tf.data.Dataset.concatenate, epochs),
+                      epochs=config.epochs, initial_epoch=start_epoch,
+                      steps_per_epoch=steps_per_epoch, callbacks=[epoch_logger], verbose=2)
+        last = epoch_logger.last
         ap = evaluate_detector(model, val_split.dataset_fn(seed))
         log(f"COCO box AP on {ap['eval_images']} val images: AP {_shown(ap['AP'])} - "
             f"AP50 {_shown(ap['AP50'])} - AP75 {_shown(ap['AP75'])}", flush=True)
@@ -194,10 +194,45 @@ def train_detector(model_fn, train_split, val_split, config, strategy=None, log=
             global_batch_size=config.batch_size, num_replicas=strategy.num_replicas_in_sync,
             train_loss=float(last["loss"]) if last else _last_logged_loss(csv_path),
             ap_implementation="keras_resnext.training.box_ap (COCO's AP@[.5:.95], NumPy)")
+        run_dir.write_scalars(writers["validation"], metrics["epochs_completed"], {
+            f"box_{name}": ap[name] for name in ("AP", "AP50", "AP75") if ap[name] is not None})
         writers["train"].close()
         writers["validation"].close()
         run_dir.write_metrics(config.model_dir, metrics)
         return DetectionResult(metrics=metrics, model=model)
+
+
+class _EpochLogger(keras.callbacks.Callback):
+    """After each epoch: check the loss, write the CSV row and TensorBoard
+    scalars, then the checkpoint."""
+
+    def __init__(self, optimizer, completed, checkpoints, csv_path, writers, images_per_epoch):
+        super().__init__()
+        self.optimizer, self.completed, self.checkpoints = optimizer, completed, checkpoints
+        self.csv_path, self.writers = csv_path, writers
+        self.images_per_epoch = images_per_epoch
+        self.last = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.learning_rate = float(self.optimizer.learning_rate.numpy())
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        self.last = dict(logs or {})
+        if not np.isfinite(self.last["loss"]):
+            raise diverged(f"the training loss is {self.last['loss']} after epoch {epoch + 1}",
+                           self.checkpoints.directory)
+        row = dict(epoch=epoch + 1, learning_rate=self.learning_rate, loss=self.last["loss"],
+                   box_loss=self.last.get("bbox_regression_loss"),
+                   classification_loss=self.last.get("cls_logits_loss"), seconds=seconds,
+                   images_per_sec=self.images_per_epoch / seconds)
+        run_dir.append_csv_row(self.csv_path, row, CSV_COLUMNS)
+        run_dir.write_scalars(self.writers["train"], epoch + 1, {
+            f"epoch_{name}": value for name, value in row.items()
+            if name not in ("epoch", "seconds") and value is not None})
+        self.completed.assign(epoch + 1)
+        self.checkpoints.save(epoch + 1)
 
 
 def _last_logged_loss(csv_path):
@@ -220,17 +255,16 @@ def _shown(value):
 def evaluate_detector(model, dataset):
     """COCO box AP (`box_ap.coco_box_ap`) of `model`'s decoded detections on
     one pass of `dataset` (`(images, {"boxes", "labels"})` batches, -1 padding)."""
-    detections, ground_truths = [], []
-    for images, targets in dataset:
-        predicted = model.predict_on_batch(images)
-        for index in range(images.shape[0]):
-            count = int(predicted["num_detections"][index])
-            detections.append((np.asarray(predicted["boxes"][index][:count]),
-                               np.asarray(predicted["confidence"][index][:count]),
-                               np.asarray(predicted["labels"][index][:count])))
-            labels = targets["labels"][index].numpy()
-            ground_truths.append((targets["boxes"][index].numpy()[labels >= 0],
-                                  labels[labels >= 0]))
+    # `predict`, not `predict_on_batch`: keras-hub 0.32's RetinaNet decodes only
+    # what `predict` hands it.
+    predicted = model.predict(dataset.map(lambda images, targets: images), verbose=0)
+    ground_truths = []
+    for _, targets in dataset:
+        for boxes, labels in zip(targets["boxes"].numpy(), targets["labels"].numpy()):
+            ground_truths.append((boxes[labels >= 0], labels[labels >= 0]))
+    detections = [(predicted["boxes"][index][:count], predicted["confidence"][index][:count],
+                   predicted["labels"][index][:count])
+                  for index, count in enumerate(predicted["num_detections"])]
     return dict(coco_box_ap(detections, ground_truths), eval_images=len(ground_truths))
 
 
