@@ -118,3 +118,16 @@ def test_one_line_errors(tmp_path, arguments, error):
     assert re.fullmatch(expected, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not os.path.exists(f"{tmp}/model")
+
+
+def test_without_keras_hub_the_cli_says_how_to_install_it():
+    result = subprocess.run([sys.executable, "-c", """
+import runpy, sys
+sys.modules["keras_hub"] = None  # as if it were not installed
+sys.argv = ["train/detection.py", "--model_dir=unused"]
+runpy.run_path("train/detection.py", run_name="__main__")
+"""], env=_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        'Error: train/detection.py needs keras-hub: pip install -e ".[hub]" && '
+        'pip install --no-deps "keras-hub==0.32.*"')

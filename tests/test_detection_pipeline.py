@@ -40,7 +40,8 @@ def test_coco_folder_boxes_follow_the_resize(coco_root):
         expected = [[y / 2, x / 2, (y + h) / 2, (x + w) / 2] for x, y, w, h in xywh]
         np.testing.assert_allclose(boxes[index, :len(classes)], expected, atol=1e-4)
         np.testing.assert_array_equal(labels[index, :len(classes)], classes)
-        assert (boxes[index, len(classes):] == -1).all() and (labels[index, len(classes):] == -1).all()
+        assert (boxes[index, len(classes):] == -1).all()
+        assert (labels[index, len(classes):] == -1).all()
     # The image is resized, not cropped: the last-drawn rectangle's centre keeps its colour.
     x, y, w, h = objects[0][0][-1]
     np.testing.assert_allclose(batch_images[0].numpy()[(y + h // 2) // 2, (x + w // 2) // 2],
