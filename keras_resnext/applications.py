@@ -124,12 +124,12 @@ def _build(stage_depths, stem, default, weights, arguments):
 
 
 def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, input_shape,
-              pooling, classes, classifier_activation, block_form, name):
+              pooling, classes, classifier_activation, block_form, name, options):
     arguments = dict(
         cardinality=cardinality, width=width, include_top=include_top,
         input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
         classes=classes, classifier_activation=classifier_activation,
-        block_form=block_form, name=name,
+        block_form=block_form, name=name, **options,
     )
     return _build(IMAGENET_STAGE_DEPTHS[depth], "imagenet",
                   default_name(depth, cardinality, width), weights, arguments)
@@ -137,40 +137,68 @@ def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, inp
 
 def ResNeXt50(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
               input_shape=None, pooling=None, classes=1000,
-              classifier_activation="softmax", block_form="c", name=None):
-    """ResNeXt-50 (C x d), Table 1. `cardinality=1, width=64` is ResNet-50."""
+              classifier_activation="softmax", block_form="c", name=None,
+              replace_stride_with_dilation=None, freeze_batch_norm=False,
+              trainable_stages=None, drop_path_rate=0.0, zero_init_last=False):
+    """ResNeXt-50 (C x d), Table 1. `cardinality=1, width=64` is ResNet-50. Backbone and
+    regularisation options as in `ResNeXt`."""
+    options = dict(replace_stride_with_dilation=replace_stride_with_dilation,
+                   freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
+                   drop_path_rate=drop_path_rate, zero_init_last=zero_init_last)
     return _imagenet(50, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
+                     input_shape, pooling, classes, classifier_activation, block_form, name,
+                     options)
 
 
 def ResNeXt101(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
                input_shape=None, pooling=None, classes=1000,
-               classifier_activation="softmax", block_form="c", name=None):
-    """ResNeXt-101 (C x d). `cardinality=1, width=64` is ResNet-101."""
+               classifier_activation="softmax", block_form="c", name=None,
+               replace_stride_with_dilation=None, freeze_batch_norm=False,
+               trainable_stages=None, drop_path_rate=0.0, zero_init_last=False):
+    """ResNeXt-101 (C x d). `cardinality=1, width=64` is ResNet-101. Backbone and
+    regularisation options as in `ResNeXt`."""
+    options = dict(replace_stride_with_dilation=replace_stride_with_dilation,
+                   freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
+                   drop_path_rate=drop_path_rate, zero_init_last=zero_init_last)
     return _imagenet(101, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
+                     input_shape, pooling, classes, classifier_activation, block_form, name,
+                     options)
 
 
 def ResNeXt152(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
                input_shape=None, pooling=None, classes=1000,
-               classifier_activation="softmax", block_form="c", name=None):
-    """ResNeXt-152 (C x d). `cardinality=1, width=64` is ResNet-152."""
+               classifier_activation="softmax", block_form="c", name=None,
+               replace_stride_with_dilation=None, freeze_batch_norm=False,
+               trainable_stages=None, drop_path_rate=0.0, zero_init_last=False):
+    """ResNeXt-152 (C x d). `cardinality=1, width=64` is ResNet-152. Backbone and
+    regularisation options as in `ResNeXt`."""
+    options = dict(replace_stride_with_dilation=replace_stride_with_dilation,
+                   freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
+                   drop_path_rate=drop_path_rate, zero_init_last=zero_init_last)
     return _imagenet(152, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name)
+                     input_shape, pooling, classes, classifier_activation, block_form, name,
+                     options)
 
 
 def ResNeXt29(cardinality=8, width=64, classes=10, depth=29, include_top=True, weights=None,
               input_tensor=None, input_shape=None, pooling=None,
-              classifier_activation="softmax", block_form="c", name=None):
+              classifier_activation="softmax", block_form="c", name=None,
+              replace_stride_with_dilation=None, freeze_batch_norm=False,
+              trainable_stages=None, drop_path_rate=0.0, zero_init_last=False):
     """The CIFAR ResNeXt of §5.3: 3x3 stem, 3 stages of (depth - 2) / 9 blocks.
 
-    `depth=11` gives one block per stage for quick runs.
+    `depth=11` gives one block per stage for quick runs. Backbone and
+    regularisation options as in `ResNeXt` (two dilation flags, for conv3
+    and conv4).
     """
     arguments = dict(
         cardinality=cardinality, width=width, include_top=include_top,
         input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
         classes=classes, classifier_activation=classifier_activation,
         block_form=block_form, name=name,
+        replace_stride_with_dilation=replace_stride_with_dilation,
+        freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
+        drop_path_rate=drop_path_rate, zero_init_last=zero_init_last,
     )
     return _build(cifar_stage_depths(depth), "cifar",
                   f"resnext{depth}_{cardinality}x{width}d", weights, arguments)

@@ -27,8 +27,10 @@ def feature_extractor(model, levels=DEFAULT_LEVELS, name=None):
             f"Unknown pyramid level(s) {unknown or list(levels)} for {model.name!r}; "
             f"available: {', '.join(pyramid)}."
         )
+    # One input as itself, not a list of one: callers pass a tensor, not [tensor].
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     return keras.Model(
-        inputs=model.inputs,
+        inputs=inputs,
         outputs={level: pyramid[level] for level in levels},
         name=name or f"{model.name}_features",
     )

@@ -32,7 +32,7 @@ class GroupConv2D(keras.layers.Conv2D):
 
     def convolution_op(self, inputs, kernel):
         if (
-            self.groups == 1
+            (self.groups == 1 and tuple(self.dilation_rate) == (1, 1))
             or keras.backend.backend() != "tensorflow"
             or self.data_format != "channels_last"
         ):
@@ -126,6 +126,45 @@ class ReLU(keras.layers.ReLU):
             if fused is not None:
                 return fused
         return super().call(inputs)
+
+
+@keras.saving.register_keras_serializable(package="keras_resnext")
+class DropPathAdd(keras.layers.Layer):
+    """The sum of `[shortcut, branch]` with stochastic depth (Huang
+    et al. 2016) on the residual branch, timm's `DropPath` before the sum: in
+    training each example's branch is dropped with probability `rate` and kept
+    ones are scaled by `1 / (1 - rate)`, so its expected value is unchanged; at
+    inference it is `keras.layers.Add`. Keras 3 has no such layer.
+
+    One layer in place of the block's `Add`, not one more before it: a
+    `.weights.h5` file holds tensors by layer position, and an extra node on
+    the branch would reorder the block's convolutions, so weights saved with
+    and without stochastic depth would not load into each other.
+    """
+
+    def __init__(self, rate, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"DropPathAdd `rate` must be in [0, 1); got {rate!r}.")
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if len(inputs) != 2:
+            raise ValueError(f"DropPathAdd adds [shortcut, branch]; got {len(inputs)} inputs.")
+        shortcut, branch = inputs
+        if training and self.rate > 0:
+            per_example = (keras.ops.shape(branch)[0],) + (1,) * (len(branch.shape) - 1)
+            branch = keras.random.dropout(branch, self.rate, noise_shape=per_example,
+                                          seed=self.seed_generator)
+        return keras.ops.add(shortcut, branch)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 class NativeKernelSteps:

@@ -1,5 +1,7 @@
 """The ResNeXt family as one Keras model class, and its stage tables."""
 
+import re
+
 import keras
 from keras import layers
 
@@ -57,9 +59,24 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         include_top, input_shape, input_tensor, pooling, classes,
         classifier_activation: as in `keras.applications`.
 
+    Backbone and regularisation options (all off by default; none changes the
+    weights, so pretrained weights load into any of them):
+        replace_stride_with_dilation: one flag per stage after the first
+            (torchvision's argument): that stage keeps its resolution and its
+            3x3s dilate instead, so `(False, True, True)` has output stride 8.
+        freeze_batch_norm: every BN is non-trainable and normalizes with its
+            moving statistics, in training too (torchvision's FrozenBatchNorm2d).
+        trainable_stages: train only the last K of [stem, conv2, ..., conv5]
+            (torchvision's `trainable_layers`); None trains all. The head, if
+            any, always trains. Frozen BNs normalize with moving statistics.
+        drop_path_rate: stochastic depth, rising linearly over blocks (timm).
+        zero_init_last: the last BN gamma of each residual branch starts at 0
+            (torchvision's `zero_init_residual`, timm's `zero_init_last`).
+
     `model.pyramid_outputs` maps "P1" (the ImageNet stem's conv, after its
     ReLU) and "P2".."P5" (conv2..conv5 outputs) to their KerasTensors, keras-hub's
-    convention; a CIFAR model has "P0".."P2" for its three stages.
+    convention; a CIFAR model has "P0".."P2" for its three stages. The names are
+    the undilated strides: with dilation, P4 and P5 keep P3's resolution.
     """
 
     def __init__(
@@ -75,12 +92,21 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         pooling=None,
         classes=1000,
         classifier_activation="softmax",
+        replace_stride_with_dilation=None,
+        freeze_batch_norm=False,
+        trainable_stages=None,
+        drop_path_rate=0.0,
+        zero_init_last=False,
         name=None,
         **kwargs,
     ):
         stage_depths = tuple(stage_depths)
         _validate(stage_depths, cardinality, width, block_form, stem, include_top,
                   pooling, classes)
+        replace_stride_with_dilation = _dilated_stages(replace_stride_with_dilation,
+                                                       stage_depths)
+        _validate_training_options(freeze_batch_norm, trainable_stages, drop_path_rate,
+                                   zero_init_last, stage_depths)
         if keras.config.image_data_format() != "channels_last":
             raise ValueError(
                 "keras_resnext models are channels_last; set "
@@ -103,12 +129,22 @@ class ResNeXt(NativeKernelSteps, keras.Model):
         else:
             x = blocks.conv_bn(x, 64, 3, 1, "conv1")
         first_level = FIRST_STAGE_LEVEL[stem]
+        drop_path_rates = iter(_drop_path_rates(drop_path_rate, sum(stage_depths)))
+        dilation = 1
         for stage, (num_blocks, filters) in enumerate(zip(stage_depths, stage_filters)):
+            stride = 1 if stage == 0 else 2
+            # torchvision's `_make_layer(dilate=True)`: the stage's stride becomes
+            # dilation, which its first block's 3x3 doesn't have yet.
+            first_block_dilation = dilation
+            if stage > 0 and replace_stride_with_dilation[stage - 1]:
+                dilation, stride = dilation * stride, 1
             for block in range(num_blocks):
-                stride = 2 if stage > 0 and block == 0 else 1
                 x = blocks.bottleneck(
-                    x, filters, cardinality, width, stride, block_form,
+                    x, filters, cardinality, width, stride if block == 0 else 1, block_form,
                     name=f"conv{stage + 2}_block{block + 1}",
+                    dilation=first_block_dilation if block == 0 else dilation,
+                    drop_path_rate=next(drop_path_rates),
+                    zero_init_last=zero_init_last,
                 )
             pyramid_outputs[f"P{first_level + stage}"] = x
         if include_top:
@@ -132,9 +168,29 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             keras.activations.get(classifier_activation)
         ) if classifier_activation is not None else None
         self.image_shape = tuple(self.inputs[0].shape[1:])
+        self.replace_stride_with_dilation = replace_stride_with_dilation
+        self.freeze_batch_norm = freeze_batch_norm
+        self.trainable_stages = trainable_stages
+        self.drop_path_rate = drop_path_rate
+        self.zero_init_last = zero_init_last
+        self._freeze_layers()
         # keras-hub's FeaturePyramidBackbone convention, read by its
         # RetinaNetBackbone: "P{level}" is the map whose stride is 2**level.
         self.pyramid_outputs = pyramid_outputs
+
+    def _freeze_layers(self):
+        """Frozen layers are non-trainable, and a non-trainable BN normalizes
+        with its moving statistics even when called with training=True."""
+        num_stages = len(self.stage_depths) + 1  # the stem counts as one
+        first_trainable = (
+            0 if self.trainable_stages is None else num_stages - self.trainable_stages
+        )
+        for layer in self.layers:
+            stage = _stage_index(layer.name)
+            if stage is not None and stage < first_trainable:
+                layer.trainable = False
+            if self.freeze_batch_norm and isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
 
     @property
     def depth(self):
@@ -155,6 +211,11 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             "pooling": self.pooling,
             "classes": self.classes,
             "classifier_activation": self.classifier_activation,
+            "replace_stride_with_dilation": list(self.replace_stride_with_dilation),
+            "freeze_batch_norm": self.freeze_batch_norm,
+            "trainable_stages": self.trainable_stages,
+            "drop_path_rate": self.drop_path_rate,
+            "zero_init_last": self.zero_init_last,
         }
 
     @classmethod
@@ -179,6 +240,58 @@ def _validate(stage_depths, cardinality, width, block_form, stem, include_top, p
         raise ValueError(f"`include_top` must be True or False; got {include_top!r}.")
     if pooling not in POOLINGS:
         raise ValueError(f"`pooling` must be None, 'avg' or 'max'; got {pooling!r}.")
+
+
+def _dilated_stages(replace_stride_with_dilation, stage_depths):
+    """One flag per strided stage (all but the first), False by default."""
+    strided_stages = len(stage_depths) - 1
+    if replace_stride_with_dilation is None:
+        return (False,) * strided_stages
+    flags = tuple(replace_stride_with_dilation)
+    if len(flags) != strided_stages or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(
+            f"`replace_stride_with_dilation` must be {strided_stages} booleans, one per "
+            f"stage after the first; got {replace_stride_with_dilation!r}."
+        )
+    return flags
+
+
+def _validate_training_options(freeze_batch_norm, trainable_stages, drop_path_rate,
+                               zero_init_last, stage_depths):
+    for value, what in ((freeze_batch_norm, "freeze_batch_norm"),
+                        (zero_init_last, "zero_init_last")):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{what}` must be True or False; got {value!r}.")
+    num_stages = len(stage_depths) + 1
+    if trainable_stages is not None and (
+        isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int)
+        or not 0 <= trainable_stages <= num_stages
+    ):
+        raise ValueError(
+            f"`trainable_stages` must be None (all) or 0 to {num_stages} (the stem counts "
+            f"as one stage); got {trainable_stages!r}."
+        )
+    if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) or not (
+        0.0 <= drop_path_rate < 1.0
+    ):
+        raise ValueError(f"`drop_path_rate` must be in [0, 1); got {drop_path_rate!r}.")
+
+
+def _drop_path_rates(drop_path_rate, num_blocks):
+    # timm's "stochastic depth linear decay rule" (timm/models/resnet.py,
+    # make_blocks): block i of N, counted over the whole network, drops its
+    # residual branch with probability drop_path_rate * i / (N - 1).
+    return [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]
+
+
+_STAGE_LAYER = re.compile(r"^(?:conv|pool)(\d+)_")
+
+
+def _stage_index(layer_name):
+    """0 for the stem (conv1_*, pool1_*), k - 1 for stage convk; None for the
+    input and the head."""
+    match = _STAGE_LAYER.match(layer_name)
+    return int(match[1]) - 1 if match else None
 
 
 def _inputs(input_shape, input_tensor, include_top, stem):

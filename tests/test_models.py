@@ -11,7 +11,8 @@ import keras_resnext as kr
 BUILDER_DEFAULTS = dict(
     cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
     input_shape=None, pooling=None, classes=1000, classifier_activation="softmax",
-    block_form="c", name=None,
+    block_form="c", name=None, replace_stride_with_dilation=None, freeze_batch_norm=False,
+    trainable_stages=None, drop_path_rate=0.0, zero_init_last=False,
 )
 
 

@@ -73,7 +73,10 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
         pads = _add_same_padding(pads, x, strides[0]) if padding == "SAME" else pads
         if pads is not None:
             return _avx2_conv(x, kernel, strides[0], pads)
-    if native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name):
+    native_gradient = native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name)
+    if dilations != [1, 1] and not native_gradient:
+        return _dilated_as_space_to_batch(inputs, kernel, strides, padding, dilations)
+    if native_gradient:
         conv = _grouped_conv2d_with_native_gradient
     else:
         conv = _grouped_conv2d_with_split_gradient
@@ -81,6 +84,28 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
         conv = _behind_function_boundary(conv, tuple(strides), padding, tuple(dilations))
         return conv(inputs, kernel)
     return conv(inputs, kernel, strides, padding, dilations)
+
+
+def _dilated_as_space_to_batch(x, kernel, strides, padding, dilations):
+    """A dilated convolution as an undilated one over the space-to-batch
+    rearranged input (as `tf.nn.atrous_conv2d` computed it): TensorFlow's CPU
+    kernels without oneDNN have no dilated backprop ("Current CPU
+    implementations do not yet support dilation rates larger than 1")."""
+    import tensorflow as tf
+
+    if strides != [1, 1]:
+        raise ValueError(f"A dilated convolution takes stride 1; got strides {strides}.")
+    if padding == "SAME":
+        # Stride 1: TensorFlow's SAME pads (k - 1) * dilation, the extra one after.
+        pads = [(size - 1) * rate for size, rate in zip(kernel.shape[:2], dilations)]
+        x = tf.pad(x, [[0, 0], *([p // 2, p - p // 2] for p in pads), [0, 0]])
+    # Pad H and W up to multiples of the dilation; the extra rows come off the end.
+    size = tf.shape(x)[1:3]
+    extra = tf.math.floormod(-size, dilations)
+    fill = tf.stack([tf.zeros_like(extra), extra], axis=1)
+    y = tf.space_to_batch_nd(x, dilations, fill)
+    y = grouped_conv2d(y, kernel, [1, 1], "valid", [1, 1])
+    return tf.batch_to_space(y, dilations, fill)
 
 
 def _grappler_fuses_grouped_convs_here():
