@@ -20,9 +20,9 @@ IMAGE_SIZE = 128
 NUM_CLASSES = 3
 
 
-def tiny_encoder():
+def tiny_encoder(**options):
     return kr.ResNeXt((1, 1, 1, 1), cardinality=2, width=4, include_top=False,
-                      input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
+                      input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), **options)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,14 @@ def data():
 
 @pytest.fixture(scope="module")
 def trained(data):
-    """The detector as the issue writes it, trained for a few steps."""
+    """The detector as the issue writes it, with torchvision's fine-tuning
+    backbone (frozen batch norm, the last 3 stages trained), trained for a few
+    steps; and the encoder's weights before training."""
     keras.utils.set_random_seed(0)
+    encoder = tiny_encoder(freeze_batch_norm=True, trainable_stages=3)
+    before = {weight.path: weight.numpy() for weight in encoder.weights}
     backbone = keras_hub.models.RetinaNetBackbone(
-        image_encoder=tiny_encoder(), min_level=3, max_level=7, use_p5=False,
+        image_encoder=encoder, min_level=3, max_level=7, use_p5=False,
         image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3))
     model = keras_hub.models.RetinaNetObjectDetector(
         backbone=backbone, num_classes=NUM_CLASSES, bounding_box_format="yxyx",
@@ -45,7 +49,7 @@ def trained(data):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images, targets = data
     history = model.fit(images, targets, batch_size=4, epochs=6, shuffle=False, verbose=0)
-    return model, history.history["loss"]
+    return model, history.history["loss"], before
 
 
 def test_the_backbone_reads_our_pyramid():
@@ -64,7 +68,7 @@ def test_the_backbone_reads_our_pyramid():
 
 @pytest.mark.slow
 def test_retinanet_trains_on_rectangles(trained, data):
-    model, losses = trained
+    model, losses, _ = trained
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses
     predicted = model.predict(data[0][:2], verbose=0)
@@ -73,8 +77,21 @@ def test_retinanet_trains_on_rectangles(trained, data):
 
 
 @pytest.mark.slow
+def test_frozen_parts_of_the_backbone_stay_put_under_fit(trained):
+    model, _, before = trained
+    after = {weight.path: weight.numpy() for weight in model.backbone.image_encoder.weights}
+    moved = {path for path in before if not np.array_equal(before[path], after[path])}
+    assert moved, "nothing in the backbone trained"
+    for path in moved:
+        # Only the kernels of conv3..conv5 (trainable_stages=3) move; no BN weight or
+        # statistic does, and nothing of the stem (conv1) or conv2.
+        assert path.split("/")[0].startswith(("conv3_", "conv4_", "conv5_")), path
+        assert "bn" not in path.split("/")[0], path
+
+
+@pytest.mark.slow
 def test_keras_file_round_trip(trained, data, tmp_path):
-    model, _ = trained
+    model, _, _ = trained
     path = str(tmp_path / "retinanet.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -82,12 +99,15 @@ def test_keras_file_round_trip(trained, data, tmp_path):
     expected, actual = model(images), loaded(images)
     for name in ("bbox_regression", "cls_logits"):
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-4)
-    assert isinstance(loaded.backbone.image_encoder, kr.ResNeXt)
+    encoder = loaded.backbone.image_encoder
+    assert isinstance(encoder, kr.ResNeXt)
+    assert (encoder.freeze_batch_norm, encoder.trainable_stages) == (True, 3)
+    assert len(encoder.trainable_weights) == len(model.backbone.image_encoder.trainable_weights)
 
 
 @pytest.mark.slow
 def test_saved_model_serves_the_detections(trained, data, tmp_path):
-    model, _ = trained
+    model, _, _ = trained
     path = detection.export_detector(model, str(tmp_path / "export"), IMAGE_SIZE,
                                      ("red", "green", "blue"))
     assert path.endswith(os.path.join("export", "1"))

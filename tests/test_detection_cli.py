@@ -12,21 +12,26 @@ import time
 
 import pytest
 
+import keras_resnext as kr
 from conftest import REPO_ROOT
 from detection_data import import_keras_hub, write_coco_folder
 
 import_keras_hub()
 
-# The CLI with a tiny backbone in place of --backbone's (the only change), so
-# the run takes seconds: kr.ResNeXt with one block per stage.
+# The CLI with every preset built as a tiny network, kr.ResNeXt with one block
+# per stage (the only change), so that a run takes seconds; the CLI's
+# arguments (weights, frozen batch norm, trainable stages) pass through.
 TINY_BACKBONE_CLI = [sys.executable, "-c", """
 import sys
 sys.argv[0] = "train/detection.py"
 import keras_resnext as kr
 from train import common, detection
-detection.build_backbone = lambda run: kr.ResNeXt(
-    (1, 1, 1, 1), cardinality=2, width=4, include_top=False,
-    input_shape=(run.image_size, run.image_size, 3))
+
+def tiny(name, weights=None, **arguments):
+    model = kr.ResNeXt((1, 1, 1, 1), cardinality=2, width=4, **arguments)
+    return kr.load_weights(model, weights) if weights else model
+
+kr.build = tiny
 if "--offline" in sys.argv:
     sys.argv.remove("--offline")
     common._network_reachable = lambda host: False
@@ -45,9 +50,11 @@ def _env():
 def test_trains_resumes_after_sigkill_and_exports(tmp_path):
     data = tmp_path / "coco"
     write_coco_folder(str(data))
+    weights = str(tmp_path / "backbone.weights.h5")
+    kr.ResNeXt((1, 1, 1, 1), cardinality=2, width=4, include_top=False).save_weights(weights)
     model_dir, export_dir = tmp_path / "model", tmp_path / "export"
     command = TINY_BACKBONE_CLI + [
-        f"--dataset=coco:{data}", "--weights=", "--image_size=128", "--batch_size=4",
+        f"--dataset=coco:{data}", f"--weights={weights}", "--image_size=128", "--batch_size=4",
         "--epochs=3", "--lr=0.0001", "--seed=1", f"--model_dir={model_dir}",
         f"--export_dir={export_dir}"]
     steps_per_epoch = 8 // 4
