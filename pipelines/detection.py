@@ -167,9 +167,19 @@ def _coco_examples(root, split):
 
 
 def _tfds_builder(name, data_dir):
+    """The TFDS builder of `name`, prepared (downloaded on first use); a
+    ValueError if it is not a detection dataset."""
     import tensorflow_datasets as tfds
 
-    return tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+    features = builder.info.features
+    objects = features["objects"] if "objects" in features else {}
+    if "bbox" not in objects or "label" not in objects:
+        raise ValueError(f"TFDS dataset {name} has no objects/bbox and objects/label features; "
+                         "it is not a detection dataset.")
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    return builder
 
 
 def _tfds_class_names(builder):
@@ -209,6 +219,9 @@ def describe_detection_source(source, split, *, data_dir=None):
         coco = _cached_coco_split(location, split)
         return DetectionSplitInfo(source, split, coco.class_names, len(coco.image_paths))
     builder = _tfds_builder(location, data_dir)
+    if TFDS_SPLITS[split] not in builder.info.splits:
+        raise ValueError(f"TFDS dataset {location} has no {TFDS_SPLITS[split]} split (it has "
+                         f"{', '.join(builder.info.splits) or 'none'}).")
     return DetectionSplitInfo(source, split, _tfds_class_names(builder),
                               builder.info.splits[TFDS_SPLITS[split]].num_examples)
 

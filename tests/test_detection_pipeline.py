@@ -209,3 +209,47 @@ def test_ap_agrees_with_pycocotools():
     assert ours["AP"] == pytest.approx(evaluation.stats[0], abs=1e-6)
     assert ours["AP50"] == pytest.approx(evaluation.stats[1], abs=1e-6)
     assert ours["AP75"] == pytest.approx(evaluation.stats[2], abs=1e-6)
+
+
+class _FakeTFDSBuilder:
+    """What `pipelines.detection` reads of a TFDS detection builder: its
+    features, splits and `as_dataset` (images encoded, as SkipDecoding leaves
+    them), for one 64x128 image with a crowd (COCO) or difficult (VOC) box."""
+
+    def __init__(self, ignored_feature):
+        import tensorflow as tf
+
+        image = np.zeros((64, 128, 3), np.uint8)
+        self.record = {
+            "image": tf.io.encode_png(image),
+            "objects": {"bbox": tf.constant([[0.5, 0.25, 1.0, 0.5], [0.0, 0.0, 0.5, 0.5]]),
+                        "label": tf.constant([4, 7], tf.int64),
+                        ignored_feature: tf.constant([False, True])}}
+        self.info = type("Info", (), {})()
+        self.info.features = {"objects": dict.fromkeys(["bbox", "label", ignored_feature])}
+        self.calls = []
+
+    def as_dataset(self, split, shuffle_files, read_config, decoders):
+        import tensorflow as tf
+
+        self.calls.append(split)
+        return tf.data.Dataset.from_tensors(self.record)
+
+
+@pytest.mark.parametrize("name, ignored_feature", [("coco/2017", "is_crowd"),
+                                                   ("voc/2007", "is_difficult")])
+def test_tfds_records_become_pixel_boxes_without_crowds(monkeypatch, name, ignored_feature):
+    builder = _FakeTFDSBuilder(ignored_feature)
+    monkeypatch.setattr(detection, "_tfds_builder", lambda location, data_dir: builder)
+    images, targets = next(iter(detection.build_detection_dataset(name, "val", 1, training=False,
+                                                                  image_size=64)))
+    assert builder.calls == ["validation"]
+    assert images.shape == (1, 64, 64, 3)
+    # 64x128 becomes 32x64 (then padded): normalised yxyx times (32, 64, 32, 64).
+    np.testing.assert_allclose(targets["boxes"].numpy(), [[[16, 16, 32, 32]]])
+    np.testing.assert_array_equal(targets["labels"].numpy(), [[4]])
+
+
+def test_a_tfds_dataset_without_boxes_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="mnist has no objects/bbox and objects/label features"):
+        detection.describe_detection_source("mnist", "val", data_dir=str(tmp_path))
