@@ -4,15 +4,15 @@ COCO box AP, and a serving SavedModel.
 
 Needs keras-hub (the `[hub]` extra). The detector is keras-hub's own, with our
 model as its `image_encoder`: `RetinaNetBackbone` reads `pyramid_outputs`.
-`model.fit` serves the default and mirrored strategies; multi-worker and TPU
+`model.fit` serves the default, one-device and mirrored strategies; multi-worker and TPU
 runs are the classification loop's alone (Keras 3's `fit` fails under
 MultiWorkerMirroredStrategy, keras#20585).
 """
 
-import dataclasses
-import json
 import csv
+import dataclasses
 import functools
+import json
 import os
 import random
 import shutil
