@@ -184,7 +184,8 @@ def train_detector(model_fn, train_split, val_split, config, strategy=None, log=
                       for epoch in range(start_epoch, config.epochs)]
             model.fit(functools.reduce(tf.data.Dataset.concatenate, epochs),
                       epochs=config.epochs, initial_epoch=start_epoch,
-                      steps_per_epoch=steps_per_epoch, callbacks=[epoch_logger], verbose=2)
+                      steps_per_epoch=steps_per_epoch, callbacks=[epoch_logger], shuffle=False,
+                      verbose=2)  # the pipeline shuffles
         last = epoch_logger.last
         ap = evaluate_detector(model, val_split.dataset_fn(seed))
         log(f"COCO box AP on {ap['eval_images']} val images: AP {_shown(ap['AP'])} - "
