@@ -14,7 +14,8 @@ convolutions with 4, 8, 16 or 32 channels per group on CPU, where it may run (se
 oneDNN on CPU). On JAX and torch it is plain `Conv2D`.
 
 `BatchNormalization` and `ReLU` fold into that AVX2 op at inference, and
-`NativeKernelSteps` lets a model's Keras steps use it.
+`NativeKernelSteps` lets a model's Keras steps use it. `DropPathAdd` is a
+block's residual sum with stochastic depth, Keras ops on every backend.
 """
 
 import keras

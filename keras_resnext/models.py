@@ -46,6 +46,11 @@ def require_positive_int(value, what):
         raise ValueError(f"`{what}` must be a positive integer; got {value!r}.")
 
 
+def require_bool(value, what):
+    if not isinstance(value, bool):
+        raise ValueError(f"`{what}` must be True or False; got {value!r}.")
+
+
 @keras.saving.register_keras_serializable(package="keras_resnext")
 class ResNeXt(NativeKernelSteps, keras.Model):
     """A ResNeXt (or ResNet, cardinality 1 and width 64) as a functional model.
@@ -76,7 +81,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
     `model.pyramid_outputs` maps "P1" (the ImageNet stem's conv, after its
     ReLU) and "P2".."P5" (conv2..conv5 outputs) to their KerasTensors, keras-hub's
     convention; a CIFAR model has "P0".."P2" for its three stages. The names are
-    the undilated strides: with dilation, P4 and P5 keep P3's resolution.
+    the undilated strides: a dilated stage keeps the previous level's resolution.
     """
 
     def __init__(
@@ -236,8 +241,7 @@ def _validate(stage_depths, cardinality, width, block_form, stem, include_top, p
         )
     if stem not in STEMS:
         raise ValueError(f"`stem` must be one of {STEMS}; got {stem!r}.")
-    if not isinstance(include_top, bool):
-        raise ValueError(f"`include_top` must be True or False; got {include_top!r}.")
+    require_bool(include_top, "include_top")
     if pooling not in POOLINGS:
         raise ValueError(f"`pooling` must be None, 'avg' or 'max'; got {pooling!r}.")
 
@@ -258,10 +262,8 @@ def _dilated_stages(replace_stride_with_dilation, stage_depths):
 
 def _validate_training_options(freeze_batch_norm, trainable_stages, drop_path_rate,
                                zero_init_last, stage_depths):
-    for value, what in ((freeze_batch_norm, "freeze_batch_norm"),
-                        (zero_init_last, "zero_init_last")):
-        if not isinstance(value, bool):
-            raise ValueError(f"`{what}` must be True or False; got {value!r}.")
+    require_bool(freeze_batch_norm, "freeze_batch_norm")
+    require_bool(zero_init_last, "zero_init_last")
     num_stages = len(stage_depths) + 1
     if trainable_stages is not None and (
         isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int)

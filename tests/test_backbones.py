@@ -207,24 +207,27 @@ def test_frozen_batch_norm_does_not_move_under_fit():
     assert not np.array_equal(np.array(model.get_layer("conv2_block1_2_conv").kernel), kernel)
 
 
-def test_frozen_batch_norm_does_not_move_in_our_training_loop(tmp_path):
+def test_frozen_batch_norm_and_stages_do_not_move_in_our_training_loop(tmp_path):
     tf = pytest.importorskip("tensorflow")
     training = pytest.importorskip("keras_resnext.training")
     from keras_resnext.training.steps import make_train_loop
 
-    model = small_cifar(freeze_batch_norm=True, classifier_activation=None)
+    model = small_cifar(freeze_batch_norm=True, trainable_stages=1, classifier_activation=None)
     config = training.TrainConfig(model_dir=str(tmp_path), epochs=1, batch_size=4,
                                   learning_rate=0.1, weight_decay=5e-4, steps_per_epoch=2,
                                   validation_freq=0, seed=1)
     optimizer = keras.optimizers.SGD(0.1)
     optimizer.build(model.trainable_variables)
     before = batch_norm_state(model)
-    kernel = np.array(model.get_layer("conv2_block1_2_conv").kernel)
+    frozen_kernel = np.array(model.get_layer("conv3_block1_2_conv").kernel)
+    kernel = np.array(model.get_layer("conv4_block1_2_conv").kernel)
     dataset = tf.data.Dataset.from_tensor_slices(colour_batch()).batch(4).repeat()
     make_train_loop(model, optimizer, tf.distribute.get_strategy(), config)(
         iter(dataset), tf.constant(2))
     assert_unchanged(before, batch_norm_state(model))
-    assert not np.array_equal(np.array(model.get_layer("conv2_block1_2_conv").kernel), kernel)
+    np.testing.assert_array_equal(np.array(model.get_layer("conv3_block1_2_conv").kernel),
+                                  frozen_kernel)
+    assert not np.array_equal(np.array(model.get_layer("conv4_block1_2_conv").kernel), kernel)
 
 
 # torchvision 0.29.1's counts of trainable tensors and parameters in
@@ -404,3 +407,90 @@ def test_dilated_model_matches_torchvision(tmp_path):
     p5 = kr.feature_extractor(backbone, "P5")(images)["P5"]
     np.testing.assert_allclose(np.asarray(p5), np.load(tmp_path / "p5.npy"), rtol=1e-4,
                                atol=1e-4)
+
+
+# --- The same on JAX -----------------------------------------------------------
+
+JAX_BACKBONES = r"""
+import json, sys
+import numpy as np, keras, keras_resnext as kr
+assert keras.backend.backend() == "jax"
+weights, inputs, folder = sys.argv[1:4]
+results = {}
+
+def strides(model):
+    side = model.inputs[0].shape[1]
+    return {level: side // t.shape[1] for level, t in model.pyramid_outputs.items()}
+
+def small(**options):
+    return kr.ResNeXt((1, 1, 1, 1), cardinality=2, width=4, include_top=False,
+                      input_shape=(64, 64, 3), **options)
+
+results["imagenet"] = strides(small())
+for flags in ([False, False, True], [False, True, True]):
+    results[str(flags)] = strides(small(replace_stride_with_dilation=flags))["P5"]
+
+dilated = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3),
+                       replace_stride_with_dilation=(True, True), freeze_batch_norm=True,
+                       weights=weights)
+x = np.load(inputs)
+results["cifar"] = strides(dilated)
+features = kr.feature_extractor(dilated, ["P0", "P2"]).predict_on_batch(x)
+np.save(folder + "/jax_p2.npy", np.asarray(features["P2"]))
+np.save(folder + "/jax_logits.npy", np.asarray(dilated.predict_on_batch(x)))
+
+# Frozen BN and frozen stages (all but conv4, CIFAR's last) under fit.
+model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3),
+                     freeze_batch_norm=True, trainable_stages=1)
+frozen_layers = [layer for layer in model.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)
+                 or layer.name.startswith(("conv1_", "conv2_", "conv3_"))]
+before = [np.array(v) for layer in frozen_layers for v in layer.weights]
+kernel = np.array(model.get_layer("conv4_block1_2_conv").kernel)
+model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+model.fit(x, np.arange(len(x)) % 3, batch_size=2, epochs=1, verbose=0)
+after = [np.array(v) for layer in frozen_layers for v in layer.weights]
+results["frozen_unchanged"] = len(before) > 0 and all(
+    np.array_equal(a, b) for a, b in zip(before, after))
+results["trained_moved"] = not np.array_equal(
+    kernel, np.array(model.get_layer("conv4_block1_2_conv").kernel))
+
+counts = {}
+for k in range(6):
+    model = small(trainable_stages=k, freeze_batch_norm=True)
+    counts[k] = [len(model.trainable_weights),
+                 sum(int(np.prod(v.shape)) for v in model.trainable_weights)]
+results["counts"] = counts
+print("RESULTS", json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_backbone_options_on_jax(python_subprocess, tmp_path):
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (CI tests TensorFlow and JAX)")
+    model = small_cifar(replace_stride_with_dilation=(True, True), freeze_batch_norm=True)
+    images, labels = colour_batch(4)
+    weights = str(tmp_path / "dilated.weights.h5")
+    model.save_weights(weights)
+    inputs = str(tmp_path / "x.npy")
+    np.save(inputs, images)
+    result = python_subprocess(
+        JAX_BACKBONES, env={"KERAS_BACKEND": "jax"},
+        args=(weights, inputs, str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.split("RESULTS", 1)[1])
+    assert results["imagenet"] == {"P1": 2, "P2": 4, "P3": 8, "P4": 16, "P5": 32}
+    assert results["[False, False, True]"] == 16 and results["[False, True, True]"] == 8
+    assert results["cifar"] == {"P0": 1, "P1": 1, "P2": 1}
+    np.testing.assert_allclose(np.load(tmp_path / "jax_logits.npy"),
+                               model.predict_on_batch(images), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "jax_p2.npy"),
+        kr.feature_extractor(model, "P2").predict_on_batch(images)["P2"], rtol=1e-4, atol=1e-4)
+    assert results["frozen_unchanged"] and results["trained_moved"]
+    assert {int(k): tuple(v) for k, v in results["counts"].items()} == \
+        TORCHVISION_TRAINABLE["FrozenBatchNorm2d"]

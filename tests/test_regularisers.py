@@ -130,3 +130,54 @@ def test_presets_take_every_model_option():
 def test_regularisers_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         small_cifar(**options)
+
+
+JAX_REGULARISERS = r"""
+import json
+import numpy as np, keras, keras_resnext as kr
+from keras_resnext.layers import DropPathAdd
+assert keras.backend.backend() == "jax"
+results = {}
+x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
+plain = kr.ResNeXt29(depth=11, cardinality=2, width=4, classes=3, input_shape=(16, 16, 3))
+dropped = kr.ResNeXt29(depth=11, cardinality=2, width=4, classes=3, input_shape=(16, 16, 3),
+                       drop_path_rate=0.5)
+dropped.set_weights(plain.get_weights())
+results["inference_identity"] = bool(np.array_equal(
+    np.asarray(dropped.predict_on_batch(x)), np.asarray(plain.predict_on_batch(x))))
+count, rate = 4000, 0.25
+y = np.asarray(DropPathAdd(rate, seed=1)(
+    [np.zeros((count, 2, 2, 3), "float32"), np.ones((count, 2, 2, 3), "float32")], training=True))
+per_example = y.reshape(count, -1)
+results["whole_examples"] = bool(np.all(per_example == per_example[:, :1]))
+results["kept"] = float(np.mean(per_example[:, 0] > 0))
+results["values"] = sorted(float(v) for v in np.unique(per_example))
+model = kr.ResNeXt29(depth=11, cardinality=2, width=4, classes=3, input_shape=(16, 16, 3),
+                     zero_init_last=True)
+outputs = {}
+for layer in model.layers:
+    if layer.name.endswith("_add"):
+        block = layer.name[:-len("_add")]
+        outputs[block] = [*layer.input, model.get_layer(block + "_out").output]
+sums = keras.Model(model.inputs, outputs).predict_on_batch(x)
+results["shortcut_only"] = all(
+    not np.any(branch) and np.allclose(out, np.maximum(shortcut, 0.0))
+    for shortcut, branch, out in sums.values())
+print("RESULTS", json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_regularisers_on_jax(python_subprocess):
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (CI tests TensorFlow and JAX)")
+    result = python_subprocess(JAX_REGULARISERS, env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.split("RESULTS", 1)[1])
+    assert results["inference_identity"] and results["whole_examples"]
+    assert abs(results["kept"] - 0.75) < 4 * np.sqrt(0.25 * 0.75 / 4000)
+    np.testing.assert_allclose(results["values"], [0.0, 1 / 0.75], rtol=1e-6)
+    assert results["shortcut_only"]
