@@ -72,7 +72,9 @@ FLAGS = flags.FLAGS
 # Where TFDS downloads these datasets from, to test for a network quickly
 # instead of waiting out TFDS' download retries.
 TFDS_DOWNLOAD_HOSTS = {"imagenette": "s3.amazonaws.com", "cifar10": "www.cs.toronto.edu",
-                       "cifar100": "www.cs.toronto.edu"}
+                       "cifar100": "www.cs.toronto.edu", "coco": "images.cocodataset.org",
+                       "voc": "host.robots.ox.ac.uk"}
+LOCAL_SOURCES = "folder:ROOT or tfrecord:PATTERN"
 TFDS_FALLBACK_HOST = "storage.googleapis.com"
 NETWORK_PROBE_SECONDS = 5
 
@@ -81,12 +83,12 @@ _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
            "enum": flags.DEFINE_enum}
 
 
-def define_flags(family):
-    """Define the training flags (`options.OPTIONS`) with `family`'s
-    ("imagenet"/"cifar") defaults."""
+def define_flags(family, selected_options=options.OPTIONS):
+    """Define the training flags (`options.OPTIONS`, or `selected_options`)
+    with `family`'s ("imagenet"/"cifar") defaults."""
     # Defined from this module, so that absl files them under train.common,
     # whose key flags train/<family>.py adopts for --helpshort.
-    for option in options.OPTIONS:
+    for option in selected_options:
         _DEFINE[option.kind](**option.flag_arguments(family))
 
 
@@ -387,24 +389,29 @@ def check_dataset_available(run):
     except ValueError as error:
         raise training.UserError(
             f"--dataset {run.dataset}: {training.first_line(error)}") from None
-    if kind != "tfds":
-        return
+    if kind == "tfds":
+        check_tfds_available(run.dataset, name, run.data_dir)
+
+
+def check_tfds_available(dataset, name, data_dir, local_sources=LOCAL_SOURCES):
+    """`check_dataset_available` for the TFDS dataset `name` that --dataset
+    `dataset` names; `local_sources` are the CLI's other kinds of --dataset."""
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=run.data_dir)
+        builder = tfds.builder(name, data_dir=data_dir)
     except Exception as error:  # TFDS raises several types for unknown names
         raise training.UserError(
-            f"--dataset {run.dataset}: not a TFDS dataset ({training.first_line(error)}); "
-            "use a TFDS name, folder:ROOT or tfrecord:PATTERN.") from None
+            f"--dataset {dataset}: not a TFDS dataset ({training.first_line(error)}); "
+            f"use a TFDS name or {local_sources}.") from None
     if builder.is_prepared() or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         return  # prepared, or prepared from --manual_dir without a download
     host = TFDS_DOWNLOAD_HOSTS.get(name.split("/")[0], TFDS_FALLBACK_HOST)
     if not _network_reachable(host):
         raise training.UserError(
             f"TFDS dataset {name} is not in {builder.data_dir} and {host} cannot be reached "
-            "to download it; point --dataset at local data (folder:ROOT or "
-            "tfrecord:PATTERN) or --data_dir at a prepared copy.")
+            f"to download it; point --dataset at local data ({local_sources}) or --data_dir "
+            "at a prepared copy.")
 
 
 def _network_reachable(host):
@@ -425,8 +432,9 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
-def main(family):
-    """Entry point of `train/<family>.py`, after `define_flags(family)`."""
+def main(family, execute_flags=None):
+    """Entry point of `train/<family>.py`, after `define_flags(family)`.
+    `execute_flags()` runs what the parsed flags say (default: `execute`)."""
 
     def run_main(argv):
         if len(argv) > 1:
@@ -435,7 +443,10 @@ def main(family):
         if not FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # hide TensorFlow's Python INFO lines
         try:
-            execute(run_from_flags(family))
+            if execute_flags is None:
+                execute(run_from_flags(family))
+            else:
+                execute_flags()
         except training.UserError as error:
             print(f"Error: {error}", file=sys.stderr, flush=True)
             return 1

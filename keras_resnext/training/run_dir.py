@@ -99,26 +99,26 @@ def _process_alive(pid):
     return True
 
 
-def truncate_csv_log(path, completed_epochs):
+def truncate_csv_log(path, completed_epochs, columns=CSV_COLUMNS):
     """Keep the rows of the epochs a checkpoint holds; a row written just
     before a crash, for an epoch that will be trained again, goes."""
     if not os.path.exists(path):
         return
     with open(path, newline="", encoding="utf-8") as f:
         rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= completed_epochs]
-    buffer = [",".join(CSV_COLUMNS)]
+    buffer = [",".join(columns)]
     for row in rows:
-        buffer.append(",".join(row.get(column, "") for column in CSV_COLUMNS))
+        buffer.append(",".join(row.get(column, "") for column in columns))
     _write_atomically(path, "\n".join(buffer) + "\n")
 
 
-def append_csv_row(path, row):
+def append_csv_row(path, row, columns=CSV_COLUMNS):
     new_file = not os.path.exists(path)
     with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new_file:
             writer.writeheader()
-        writer.writerow({column: _format_csv_value(row.get(column)) for column in CSV_COLUMNS})
+        writer.writerow({column: _format_csv_value(row.get(column)) for column in columns})
         f.flush()
         os.fsync(f.fileno())
 
@@ -234,18 +234,18 @@ def create_summary_writers(model_dir):
 
 
 def write_summaries(writers, row, epoch):
-    _write_scalars(writers["train"], epoch, {
+    write_scalars(writers["train"], epoch, {
         "epoch_loss": row["loss"], "epoch_top1": row["top1"],
         "learning_rate": row["learning_rate"], "images_per_sec": row["images_per_sec"],
     })
     if "val_top1" in row:
-        _write_scalars(writers["validation"], epoch, {
+        write_scalars(writers["validation"], epoch, {
             "epoch_loss": row["val_loss"], "epoch_top1": row["val_top1"],
             "epoch_top5": row["val_top5"],
         })
 
 
-def _write_scalars(writer, step, scalars):
+def write_scalars(writer, step, scalars):
     # tf.summary.scalar needs the tensorboard package; tf.summary.write with
     # the scalars plugin's metadata writes the same events without it.
     from tensorflow.core.framework import summary_pb2
