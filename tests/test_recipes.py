@@ -162,6 +162,82 @@ def test_the_pipeline_gets_a_recipes_augmentations_only_when_they_are_on(monkeyp
                               10).input_shape == (None, 224, 224, 3)
 
 
+def test_crop_pct_replaces_a_recipes_eval_resize():
+    """rsb_a3's resize 235 is a default: --crop_pct replaces it (it was refused
+    as "--resize_size and --crop_pct both set the eval resize")."""
+    from train import common
+
+    run = options.run_from("imagenet", flag_values("imagenet", recipe="rsb_a3", crop_pct=0.9,
+                                                   eval_only=True, weights="imagenet"))
+    common.check_flags(run)
+    assert common.eval_transform_of(run, "imagenet").resize_size == 248  # floor(224 / 0.9)
+    lines = training.recipe_differences(run.recipe, training.recipe_named("imagenet", "rsb_a3"),
+                                        training.RECIPES["imagenet"], run.recipe_overrides)
+    assert any(line.startswith("recipe rsb_a3: resize_size 235") and
+               line.endswith("--crop_pct 0.9 overrides it") for line in lines)
+    both = options.run_from("imagenet", flag_values("imagenet", recipe="rsb_a3", crop_pct=0.9,
+                                                    resize_size=240, model_dir="run"))
+    with pytest.raises(training.UserError, match="--resize_size and --crop_pct both set"):
+        common.check_flags(both)
+
+
+def test_a_recipes_eval_resize_keeps_its_proportion_and_yields_to_the_weights_view():
+    """The recipe's resize is for a 224 crop (--image_size 288 was refused:
+    "resize_size (235) must be at least image_size (288)"), and a model whose
+    weights record their view is evaluated with it (torchvision_v2's 232 used
+    to replace IMAGENET1K_V1's 256); --resize_size given still wins."""
+    from train import common
+    from keras_resnext.transforms import EvalTransform
+
+    run = options.run_from("imagenet", flag_values("imagenet", recipe="rsb_a3", image_size=288))
+    assert common.eval_transform_of(run, "imagenet") == EvalTransform(288, 302)
+    model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3),
+                         eval_transform=EvalTransform(16, 20, "bicubic"))
+    for given in (dict(), dict(image_size=16)):
+        run = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
+                                                       **given))
+        assert common.eval_transform_of(run, "imagenet", model) == EvalTransform(16, 20,
+                                                                                  "bicubic")
+    run = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
+                                                   resize_size=18))
+    assert common.eval_transform_of(run, "imagenet", model).resize_size == 18
+
+
+def test_fine_tuning_records_the_view_the_run_validates_and_exports_with(tmp_path,
+                                                                         monkeypatch):
+    """Initial weights that record their view (named weights: 232) no longer
+    leave the fine-tuned model recording it while the run validates and
+    exports with the recipe's (256)."""
+    from train import common
+    from keras_resnext.transforms import EvalTransform
+
+    weights = tmp_path / "initial.weights.h5"
+    tiny_model().save_weights(str(weights))
+    root = write_image_folder(str(tmp_path / "data"), train_per_class=1, val_per_class=1,
+                              size=20)
+
+    def load_recording_a_view(model, path):
+        model.eval_transform = EvalTransform(16, 18, "bicubic")
+
+    seen = {}
+
+    def train(model_fn, train_split, val_split, config, strategy):
+        seen["model"] = model_fn()
+        raise KeyboardInterrupt  # the model is all this test needs
+
+    monkeypatch.setattr(common, "load_weights", load_recording_a_view)
+    monkeypatch.setattr(common.training, "train", train)
+    monkeypatch.setattr(common, "_dataset_fn", lambda run, split, preprocessing, transform, n:
+                        seen.setdefault(split, transform))
+    run = options.run_from("cifar", flag_values(
+        "cifar", depth=11, cardinality=4, width=4, image_size=16, weights=str(weights),
+        dataset=f"folder:{root}", preprocessing="imagenet", model_dir=str(tmp_path / "run")))
+    with pytest.raises(KeyboardInterrupt):
+        common.execute(run)
+    assert seen["val"] == EvalTransform(16, 18)  # 256/224 at 16
+    assert seen["model"].eval_transform == seen["val"]
+
+
 # -- parameter groups ----------------------------------------------------------------
 
 

@@ -156,6 +156,10 @@ def _execute(run):
             model = build_model(run, num_classes=len(class_names))
             if run.weights:
                 _load_initial_weights(model, run.weights)
+            if model.eval_transform is not None:
+                # The initial weights' view is replaced by the one this run
+                # validates and exports with.
+                model.eval_transform = transform
         return model
 
     if run.eval_only:
@@ -290,15 +294,22 @@ def eval_transform_of(run, preprocessing, model=None):
     if given and not imagenet_style:
         raise training.UserError(f"{', '.join(given)}: ImageNet-style eval options; "
                                  f"{run.dataset} uses CIFAR-style preprocessing.")
+    resize_given = options.resize_size_given(run)
     if getattr(model, "eval_transform", None) is not None:
         base = model_eval_transform(model)
+    elif run.resize_size is not None and not resize_given and imagenet_style:
+        # A recipe's resize is for the family's crop (235 for 224): it keeps
+        # that proportion at another --image_size, and yields to the view
+        # the weights record.
+        base = dataclasses.replace(family_eval_transform(preprocessing),
+                                   resize_size=run.resize_size).at_size(run.image_size)
     else:
         base = family_eval_transform(preprocessing, run.image_size)
     if not imagenet_style:
         return base
     with _as_user_errors():
-        return base.with_overrides(resize_size=run.resize_size, crop_pct=run.crop_pct,
-                                   interpolation=run.interpolation)
+        return base.with_overrides(resize_size=run.resize_size if resize_given else None,
+                                   crop_pct=run.crop_pct, interpolation=run.interpolation)
 
 
 def _describe(run, split):

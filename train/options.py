@@ -264,15 +264,31 @@ def run_from(family, values):
     recipe = training.recipe_named(family, values["recipe"].value if "recipe" in values
                                    else training.PAPER)
     resolved = {option.name: _value(option, values[option.name], recipe) for option in OPTIONS}
+    recipe_overrides = {option.default.field: f"--{option.name} {values[option.name].value}"
+                        for option in OPTIONS if isinstance(option.default, FromRecipe)
+                        and _given(values, option.name)}
+    # --crop_pct sets the eval resize too: it replaces a recipe's resize_size
+    # (only a --resize_size given with it is a contradiction).
+    if _given(values, "crop_pct") and not _given(values, "resize_size"):
+        resolved["resize_size"] = None
+        if recipe.resize_size is not None:
+            recipe_overrides["resize_size"] = f"--crop_pct {values['crop_pct'].value}"
     return Run(
         family=family,
         **{option.name: resolved[option.name] for option in _RUN_OPTIONS},
         training_overrides={option.setting or option.name: resolved[option.name]
                             for option in _TRAINING_OPTIONS},
-        recipe_overrides={option.default.field: f"--{option.name} {values[option.name].value}"
-                          for option in OPTIONS if isinstance(option.default, FromRecipe)
-                          and getattr(values[option.name], "present", False)},
+        recipe_overrides=recipe_overrides,
     )
+
+
+def _given(values, name):
+    return name in values and getattr(values[name], "present", False)
+
+
+def resize_size_given(run):
+    """Whether `run.resize_size` is the --resize_size flag's, not its recipe's."""
+    return run.recipe_overrides.get("resize_size", "").startswith("--resize_size ")
 
 
 def _value(option, flag, recipe):
