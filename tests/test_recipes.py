@@ -193,14 +193,28 @@ def test_a_recipes_eval_resize_keeps_its_proportion_and_yields_to_the_weights_vi
     assert common.eval_transform_of(run, "imagenet") == EvalTransform(288, 302)
     model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3),
                          eval_transform=EvalTransform(16, 20, "bicubic"))
-    for given in (dict(), dict(image_size=16)):
-        run = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
-                                                       **given))
-        assert common.eval_transform_of(run, "imagenet", model) == EvalTransform(16, 20,
-                                                                                  "bicubic")
     run = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
-                                                   resize_size=18))
+                                                   image_size=16))
+    assert common.eval_transform_of(run, "imagenet", model) == EvalTransform(16, 20, "bicubic")
+    run = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
+                                                   image_size=16, resize_size=18))
     assert common.eval_transform_of(run, "imagenet", model).resize_size == 18
+
+
+def test_eval_image_size_reaches_the_view_of_a_model_that_takes_any_size():
+    """With a recipe's smaller training crop the model takes any input size:
+    --image_size 288 evaluated 288 crops but reported (and wrote to
+    eval_metrics.json) the recorded 224 view."""
+    from train import common
+    from keras_resnext.transforms import EvalTransform
+
+    model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3,
+                         eval_transform=EvalTransform(224, 256, "bicubic"))
+    run = options.run_from("imagenet", flag_values("imagenet", recipe="rsb_a3", image_size=288,
+                                                   eval_only=True, weights="imagenet"))
+    assert common.build_model(run, 3).input_shape == (None, None, None, 3)
+    assert common.eval_transform_of(run, "imagenet", model) == EvalTransform(288, 329,
+                                                                              "bicubic")
 
 
 def test_fine_tuning_records_the_view_the_run_validates_and_exports_with(tmp_path,

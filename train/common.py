@@ -296,7 +296,9 @@ def eval_transform_of(run, preprocessing, model=None):
                                  f"{run.dataset} uses CIFAR-style preprocessing.")
     resize_given = options.resize_size_given(run)
     if getattr(model, "eval_transform", None) is not None:
-        base = model_eval_transform(model)
+        # At --image_size: a model built for any input size (training and
+        # evaluation crops differ) would otherwise keep the recorded size.
+        base = model_eval_transform(model, run.image_size)
     elif run.resize_size is not None and not resize_given and imagenet_style:
         # A recipe's resize is for the family's crop (235 for 224): it keeps
         # that proportion at another --image_size, and yields to the view
