@@ -131,6 +131,26 @@ def test_recipe_flag_gives_every_default_and_each_given_flag_overrides_it():
     assert run.auto_augment is None and run.mixup_alpha == 0.1
 
 
+def test_auto_augment_takes_any_timm_randaugment_string_and_refuses_others_in_one_line():
+    """The CLI took only rsb_a3's "rand-m6-mstd0.5-inc1" (an enum), although
+    the pipeline reads any timm RandAugment string."""
+    from absl import flags
+
+    from train import common
+
+    option = next(option for option in options.OPTIONS if option.name == "auto_augment")
+    parsed = flags.FlagValues()
+    common._DEFINE[option.kind](flag_values=parsed, **option.flag_arguments("imagenet"))
+    parsed(["imagenet.py", "--auto_augment=rand-m9-n3-mstd0.5"])
+    run = options.run_from("imagenet", flag_values(
+        "imagenet", auto_augment=parsed.auto_augment, eval_only=True, weights="imagenet"))
+    common.check_flags(run)
+    assert run.auto_augment == "rand-m9-n3-mstd0.5"
+    run = dataclasses.replace(run, auto_augment="rand-m9-x1")
+    with pytest.raises(training.UserError, match=r"^--auto_augment: Unknown auto_augment "
+                                                 r"'rand-m9-x1'; use 'trivial_augment_wide'"):
+        common.check_flags(run)
+
 def test_only_imagenet_has_named_recipes():
     choices = {family: next(o for o in options.OPTIONS if o.name == "recipe")
                .flag_arguments(family)["enum_values"] for family in ("imagenet", "cifar")}

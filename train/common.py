@@ -64,6 +64,7 @@ with _each_stderr_line_once():
     from keras_resnext.transforms import family_eval_transform, model_eval_transform
     from keras_resnext.weights import load_weights
     from keras_resnext.weights.fetch import is_path as is_weights_path
+    from pipelines.augment import parse_auto_augment
     from train import options
     from train.options import DEFAULT_PRESETS
 
@@ -121,6 +122,11 @@ def check_flags(run):
     if (run.weights and is_weights_path(run.weights)
             and not (os.path.exists(run.weights) or _is_checkpoint(run.weights))):
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
+    if run.auto_augment is not None:
+        try:
+            parse_auto_augment(run.auto_augment)
+        except ValueError as error:
+            raise training.UserError(f"--auto_augment: {error}") from None
     if run.resize_size is not None and run.crop_pct is not None:
         raise training.UserError("--resize_size and --crop_pct both set the eval resize; "
                                  "give one of them.")

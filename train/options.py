@@ -167,9 +167,10 @@ OPTIONS = (
            "Eval (ImageNet-style): center, the single centre crop; ten_crop, the centre and "
            "four corners and their mirrors (fb.resnet.torch), probabilities averaged.",
            choices=EVAL_VIEWS),
-    Option("auto_augment", "enum", FromRecipe("auto_augment"),
-           "Per-image augmentation policy after the random crop and flip (none: off).",
-           choices=(NO_AUTO_AUGMENT, "trivial_augment_wide", "rand-m6-mstd0.5-inc1")),
+    Option("auto_augment", "string", FromRecipe("auto_augment"),
+           "Per-image augmentation policy after the random crop and flip: "
+           "trivial_augment_wide, a timm RandAugment string such as rand-m6-mstd0.5-inc1 "
+           "(keys m, n, mstd, mmax, p, inc), or none (off)."),
     Option("random_erasing", "float", FromRecipe("random_erasing"),
            "Probability of erasing a random rectangle of each training image.",
            bounds=dict(lower_bound=0, upper_bound=1)),
