@@ -151,6 +151,19 @@ def test_auto_augment_takes_any_timm_randaugment_string_and_refuses_others_in_on
                                                  r"'rand-m9-x1'; use 'trivial_augment_wide'"):
         common.check_flags(run)
 
+def test_a_mistyped_weights_name_is_refused_with_the_names(tmp_path):
+    """--weights IMAGENET1K_V9 said "no such file or folder"; a missing file
+    still does."""
+    from train import common
+
+    for weights, message in (("IMAGENET1K_V9", r"Unknown weights 'IMAGENET1K_V9': use one of "
+                                               r"imagenet, IMAGENET1K_V1, IMAGENET1K_V2"),
+                             (str(tmp_path / "r50.pth"), "no such file or folder")):
+        run = options.run_from("imagenet", flag_values("imagenet", eval_only=True,
+                                                       weights=weights))
+        with pytest.raises(training.UserError, match=f"^--weights {weights}: {message}"):
+            common.check_flags(run)
+
 def test_only_imagenet_has_named_recipes():
     choices = {family: next(o for o in options.OPTIONS if o.name == "recipe")
                .flag_arguments(family)["enum_values"] for family in ("imagenet", "cifar")}

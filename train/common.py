@@ -64,6 +64,7 @@ with _each_stderr_line_once():
     from keras_resnext.transforms import family_eval_transform, model_eval_transform
     from keras_resnext.weights import load_weights
     from keras_resnext.weights.fetch import is_path as is_weights_path
+    from keras_resnext.weights.fetch import resolve as resolve_weights
     from pipelines.augment import parse_auto_augment
     from train import options
     from train.options import DEFAULT_PRESETS
@@ -121,6 +122,10 @@ def check_flags(run):
                                  "in --model_dir; pass one of them.")
     if (run.weights and is_weights_path(run.weights)
             and not (os.path.exists(run.weights) or _is_checkpoint(run.weights))):
+        try:
+            resolve_weights(run.weights, None)  # a mistyped weights name: list the names
+        except ValueError as error:
+            raise training.UserError(f"--weights {run.weights}: {error}") from None
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
     if run.auto_augment is not None:
         try:
