@@ -81,6 +81,8 @@ def predict_files(saved_model_dir, paths, top=5, image_size=None, resize_size=No
     """
     import tensorflow as tf
 
+    if resize_size is not None and crop_pct is not None:
+        raise PredictError("--resize_size and --crop_pct both set the resize; give one of them.")
     for path in paths:
         if not os.path.isfile(path):
             raise PredictError(f"Image file {path} does not exist.")

@@ -176,3 +176,10 @@ def test_predict_command_prints_top_labels(tmp_path):
         predict.predict_files(str(tmp_path / "models" / "1"), [str(tmp_path / "missing.jpg")])
     with pytest.raises(predict.PredictError, match="holds no saved_model.pb"):
         predict.resolve_saved_model(str(tmp_path))
+
+
+def test_predict_refuses_resize_size_with_crop_pct_naming_the_flags(tmp_path):
+    """It said "Give resize_size or crop_pct, not both." after loading the model."""
+    with pytest.raises(predict.PredictError, match="^--resize_size and --crop_pct both set"):
+        predict.predict_files(str(tmp_path / "not_loaded"), encoded_images(str(tmp_path)),
+                              resize_size=256, crop_pct=0.9)
