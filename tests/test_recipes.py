@@ -164,6 +164,18 @@ def test_a_mistyped_weights_name_is_refused_with_the_names(tmp_path):
         with pytest.raises(training.UserError, match=f"^--weights {weights}: {message}"):
             common.check_flags(run)
 
+def test_a_recipes_warmup_longer_than_the_run_is_refused_naming_the_flags():
+    """It said "warmup_epochs must be in [0, epochs=1); got 5." after reading the
+    data, naming neither flag nor recipe."""
+    from train import common
+
+    for given, message in ((dict(), r"--warmup_epochs 5 \(--recipe rsb_a3's\)"),
+                           (dict(warmup_epochs=2.0), r"--warmup_epochs 2 must")):
+        run = options.run_from("imagenet", flag_values("imagenet", recipe="rsb_a3", epochs=1,
+                                                       model_dir="run", **given))
+        with pytest.raises(training.UserError, match=f"^{message}.* --epochs 1; lower it"):
+            common.check_flags(run)
+
 def test_only_imagenet_has_named_recipes():
     choices = {family: next(o for o in options.OPTIONS if o.name == "recipe")
                .flag_arguments(family)["enum_values"] for family in ("imagenet", "cifar")}

@@ -127,6 +127,11 @@ def check_flags(run):
         except ValueError as error:
             raise training.UserError(f"--weights {run.weights}: {error}") from None
         raise training.UserError(f"--weights {run.weights}: no such file or folder.")
+    warmup, epochs = run.training_overrides["warmup_epochs"], run.training_overrides["epochs"]
+    if not run.eval_only and warmup >= epochs:
+        source = "" if "warmup_epochs" in run.recipe_overrides else f" (--recipe {run.recipe}'s)"
+        raise training.UserError(f"--warmup_epochs {warmup:g}{source} must be less than "
+                                 f"--epochs {epochs}; lower it or train longer.")
     if run.auto_augment is not None:
         try:
             parse_auto_augment(run.auto_augment)
