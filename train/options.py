@@ -154,7 +154,8 @@ OPTIONS = (
            bounds=dict(lower_bound=8)),
     Option("resize_size", "integer", FromRecipe("resize_size"),
            "Eval: shorter side before the centre crop (ImageNet-style), e.g. 256 or 232. "
-           "Default the weights' eval transform, else 256/224 of --image_size.",
+           "Default: with --eval_only the weights' eval transform, else the recipe's "
+           "proportion (paper 256, torchvision_v2 232, rsb_a3 235 for a 224 crop).",
            bounds=dict(lower_bound=8)),
     Option("crop_pct", "float", None,
            "Eval (ImageNet-style), timm's crop fraction instead of --resize_size: resize the "
