@@ -331,13 +331,35 @@ class TFDSSource:
                     "pass manual_dir, the directory holding its manually downloaded "
                     "files (for imagenet2012, the two ILSVRC2012 tars)."
                 )
-            self.builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-            )
+            self._prepare(name, manual_dir)
         features = self.builder.info.features
         self.class_names = tuple(features["label"].names)
         height, width = features["image"].shape[:2]
         self.preprocessing = _preprocessing_for_height_width(height, width)
+
+    def _prepare(self, name, manual_dir):
+        import tensorflow as tf
+
+        manual = self.builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+        if manual and not (tf.io.gfile.isdir(manual_dir) and tf.io.gfile.listdir(manual_dir)):
+            raise ValueError(
+                f"manual_dir {manual_dir} does not exist or is empty: it must hold TFDS "
+                f"dataset {name}'s manually downloaded files (for imagenet2012, "
+                "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar)."
+            )
+        try:
+            self.builder.download_and_prepare(
+                download_config=self._tfds.download.DownloadConfig(manual_dir=manual_dir)
+            )
+        except (AssertionError, OSError, ValueError, tf.errors.OpError) as error:
+            # TFDS reports missing or unreadable files as multi-line assertions
+            # and IO errors; one line names what to fix.
+            where = f" from manual_dir {manual_dir}" if manual else ""
+            message = " ".join(str(error).split())
+            raise ValueError(
+                f"TFDS could not prepare {name} in {self.builder.data_dir}{where}: "
+                f"{message}"
+            ) from None
 
     def _tfds_split(self, split):
         _check_split(split)
