@@ -349,3 +349,25 @@ def test_malformed_handles_and_schemes_are_one_line(weights, message):
     with pytest.raises(ValueError, match=message) as error:
         fetch.resolve(weights, None)
     one_line(error)
+
+
+def test_a_file_placed_in_the_cache_by_hand_must_match_its_hash_prefix(
+        tiny, named, server, keras_home):
+    # The offline message says where to place the file; what is placed there
+    # is checked as a download is, and left alone when it doesn't match.
+    server.stop()
+    with pytest.raises(WeightsUnavailable) as raised:
+        build_tiny("imagenet")
+    placed = pathlib.Path(one_line(raised).rpartition("place the file at ")[2])
+    placed.parent.mkdir(parents=True, exist_ok=True)
+    other = torchvision_pth(kr.ResNeXt29(**TINY, classifier_activation=None),
+                            placed.parent / "other.pth")
+    os.replace(other, placed)
+    with pytest.raises(HashMismatch) as raised:
+        build_tiny("imagenet")
+    message = one_line(raised)
+    assert message.startswith(f"Refused {placed}: its sha256 is ")
+    assert f"replace it with the file from {server.url}{named.file}" in message
+    assert placed.is_file()
+    placed.write_bytes(server.folder.joinpath(named.file).read_bytes())
+    assert_same_weights(build_tiny("imagenet"), tiny)

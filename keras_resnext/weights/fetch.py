@@ -54,8 +54,13 @@ class WeightsSource:
 
     def local_path(self):
         """The local file, downloaded first if it is a URL not yet cached."""
-        if self.url is not None and not os.path.isfile(self.path):
-            download(self.url, self.path)
+        if self.url is not None:
+            if os.path.isfile(self.path):
+                # Checked on every use, not only after a download: the offline
+                # message tells users to place files here by hand.
+                check_cached_hash_prefix(self.path, self.url)
+            else:
+                download(self.url, self.path)
         return self.path
 
 
@@ -239,6 +244,22 @@ def check_hash_prefix(path, file_name, url):
         raise HashMismatch(
             f"Refused {file_name} from {url}: its sha256 is {digest}, but its name says it "
             f"starts with {match[1]}; the download was deleted and nothing was loaded."
+        )
+
+
+def check_cached_hash_prefix(path, url):
+    """Raise `HashMismatch` unless the cached (or hand-placed) file at `path`
+    has the sha256 prefix its name carries; the file is left where it is."""
+    file_name = os.path.basename(path)
+    match = _HASH_PREFIX.search(file_name)
+    if match is None:
+        return
+    digest = sha256_of(path)
+    if not digest.startswith(match[1]):
+        raise HashMismatch(
+            f"Refused {path}: its sha256 is {digest}, but its name says it starts with "
+            f"{match[1]}; replace it with the file from {url}, or delete it to download it "
+            "again. Nothing was loaded."
         )
 
 
