@@ -5,7 +5,6 @@ recipe from the CLI, resumed after SIGKILL. The paper's recipe stays the
 default (test_training.py, test_train_options.py)."""
 
 import dataclasses
-import inspect
 import json
 import os
 import signal
@@ -525,12 +524,6 @@ def test_resuming_with_a_changed_recipe_setting_is_refused(tmp_path, data):  # n
 # -- each recipe from the CLI, killed and resumed -------------------------------------------
 
 
-def _pipeline_has_recipe_augmentations():
-    import pipelines
-
-    return "mixup_alpha" in inspect.signature(pipelines.build_dataset).parameters
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["torchvision_v2", "rsb_a3"])
 def test_each_recipe_trains_from_the_cli_and_resumes_after_sigkill(tmp_path, recipe):
@@ -542,11 +535,6 @@ def test_each_recipe_trains_from_the_cli_and_resumes_after_sigkill(tmp_path, rec
                f"--dataset=folder:{data_root}", "--preprocessing=imagenet", "--image_size=32",
                "--train_image_size=24", "--resize_size=36", "--batch_size=4", "--epochs=2",
                "--warmup_epochs=1", "--progress_seconds=3600", f"--model_dir={model_dir}"]
-    if not _pipeline_has_recipe_augmentations():
-        # Until the pipeline takes them: the recipe's optimizer, loss,
-        # schedule, groups and EMA, without its augmentations.
-        command += ["--auto_augment=none", "--random_erasing=0", "--mixup_alpha=0",
-                    "--cutmix_alpha=0", "--repeated_augmentations=1"]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     env.pop("TF_CONFIG", None)
     process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
@@ -566,6 +554,9 @@ def test_each_recipe_trains_from_the_cli_and_resumes_after_sigkill(tmp_path, rec
                line.rstrip().endswith("; --batch_size 4 overrides it")
                for line in differences), differences
     assert any(line.startswith(f"recipe {recipe}: lr ") for line in differences), differences
+    # The view the run validates (and would export) with, --resize_size beating the recipe's.
+    assert any(line.startswith("Eval view: shorter side to 36 (") and "centre 32x32 crop" in line
+               for line in seen), seen
 
     rerun = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                            timeout=600)

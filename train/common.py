@@ -210,6 +210,7 @@ def _execute(run):
             train_info.num_examples, source=run.dataset)
         _print_recipe(run, recipe)
         _print_run(run, config, train_info, val_info, strategy)
+        print(f"Eval view: {transform.describe(run.eval_view)}.", flush=True)
         result = training.train(model_fn, train_split, val_split, config, strategy)
         metrics, model = result.metrics, result.model
     if run.export_dir and training.is_chief(strategy):
