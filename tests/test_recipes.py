@@ -571,3 +571,20 @@ def test_each_recipe_trains_from_the_cli_and_resumes_after_sigkill(tmp_path, rec
     assert recorded["optimizer"] == recipe_config.optimizer
     assert recorded["loss"] == recipe_config.loss
     assert recorded["train_image_size"] == 24
+
+
+def test_a_recipes_training_crop_keeps_its_proportion_to_image_size():
+    """torchvision_v2 trains at 176 for a 224 eval crop: at --image_size 32 it
+    trained at 176 all the same; now 25, and --train_image_size still wins."""
+    from train import common
+
+    run = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
+                                                   image_size=32))
+    assert common._train_image_size(run) == 25  # round(176 * 32 / 224)
+    at_224 = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2"))
+    assert common._train_image_size(at_224) == 176
+    given = options.run_from("imagenet", flag_values("imagenet", recipe="torchvision_v2",
+                                                     image_size=32, train_image_size=24))
+    assert common._train_image_size(given) == 24
+    paper = options.run_from("imagenet", flag_values("imagenet", image_size=32))
+    assert common._train_image_size(paper) == 32

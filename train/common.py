@@ -269,7 +269,14 @@ def _print_recipe(run, recipe):
 
 
 def _train_image_size(run):
-    return run.train_image_size or run.image_size
+    if run.train_image_size is None:
+        return run.image_size
+    if "train_image_size" in run.recipe_overrides:
+        return run.train_image_size
+    # A recipe's training crop is for the family's eval crop (176 for 224):
+    # it keeps that proportion at another --image_size.
+    reference = family_eval_transform(run.family).image_size
+    return max(8, round(run.train_image_size * run.image_size / reference))
 
 
 def _input_settings(run):
