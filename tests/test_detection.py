@@ -3,6 +3,7 @@ keras-hub reads `pyramid_outputs` and `inputs` of our model (issue 12)."""
 
 import json
 import os
+import types
 
 import keras
 import numpy as np
@@ -120,3 +121,14 @@ def test_saved_model_serves_the_detections(trained, data, tmp_path):
                                rtol=1e-3, atol=1e-2)
     with open(os.path.join(path, "assets.extra", "class_names.json")) as f:
         assert json.load(f) == ["red", "green", "blue"]
+
+
+def test_a_diverged_run_names_the_detection_clis_warmup_flag():
+    # train/detection.py has --warmup_steps, not the classification CLIs' --warmup_epochs.
+    logger = detection._EpochLogger(optimizer=None, completed=None,
+                                    checkpoints=types.SimpleNamespace(directory="ckpts"),
+                                    csv_path=None, writers=None, images_per_epoch=8)
+    logger.started = 0.0
+    with pytest.raises(kr.training.UserError) as error:
+        logger.on_epoch_end(1, {"loss": float("nan")})
+    assert str(error.value).endswith("lower --lr or add --warmup_steps."), str(error.value)

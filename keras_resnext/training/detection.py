@@ -223,7 +223,7 @@ class _EpochLogger(keras.callbacks.Callback):
         self.last = dict(logs or {})
         if not np.isfinite(self.last["loss"]):
             raise diverged(f"the training loss is {self.last['loss']} after epoch {epoch + 1}",
-                           self.checkpoints.directory)
+                           self.checkpoints.directory, warmup_flag="--warmup_steps")
         row = dict(epoch=epoch + 1, learning_rate=self.learning_rate, loss=self.last["loss"],
                    box_loss=self.last.get("bbox_regression_loss"),
                    classification_loss=self.last.get("cls_logits_loss"), seconds=seconds,
