@@ -23,6 +23,7 @@ keras-hub's "no box"; every image keeps at least one row, so a batch without
 objects still has a box axis.
 """
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -108,29 +109,46 @@ def read_coco_split(root, split):
     image_folder = os.path.join(
         root, os.path.basename(annotation_file)[len("instances_"):-len(".json")])
     present = set(os.listdir(image_folder)) if os.path.isdir(image_folder) else set()
-    by_image = {image["id"]: ([], []) for image in images}
+    with _naming_the_record(annotation_file, "image", images):
+        by_image = {image["id"]: ([], []) for image in images}
     for annotation in annotations:
-        x, y, width, height = annotation["bbox"]
-        if annotation.get("iscrowd", 0) or width <= 0 or height <= 0:
+        with _naming_the_record(annotation_file, "annotation", annotation):
+            x, y, width, height = annotation["bbox"]
+            crowd = annotation.get("iscrowd", 0) or width <= 0 or height <= 0
+            image_id, category_id = annotation["image_id"], annotation["category_id"]
+        if crowd:
             continue
-        if annotation["image_id"] not in by_image or annotation["category_id"] not in label_of:
+        if image_id not in by_image or category_id not in label_of:
             raise ValueError(f"{annotation_file}: annotation {annotation.get('id')} names an "
                              "image or category the file does not list.")
-        by_image[annotation["image_id"]][0].append((y, x, y + height, x + width))
-        by_image[annotation["image_id"]][1].append(label_of[annotation["category_id"]])
+        by_image[image_id][0].append((y, x, y + height, x + width))
+        by_image[image_id][1].append(label_of[category_id])
     paths, boxes, labels = [], [], []
     for image in images:
-        if image["file_name"] not in present:
+        path = os.path.join(image_folder, image["file_name"])
+        # A file_name may have folders (COCO's format allows it); listdir sees only the top.
+        if image["file_name"] not in present and not os.path.isfile(path):
             raise ValueError(f"{annotation_file} lists {image['file_name']}, which is not in "
                              f"{image_folder}.")
-        paths.append(os.path.join(image_folder, image["file_name"]))
-        scale = np.array([image["height"], image["width"]] * 2, dtype=np.float64)
+        paths.append(path)
+        with _naming_the_record(annotation_file, "image", image):
+            scale = np.array([image["height"], image["width"]] * 2, dtype=np.float64)
         image_boxes, image_labels = by_image[image["id"]]
         boxes.append((np.reshape(np.array(image_boxes, np.float64), (-1, 4)) / scale)
                      .astype(np.float32))
         labels.append(np.array(image_labels, np.int32))
     return CocoSplit(annotation_file, tuple(c["name"] for c in categories), tuple(paths),
                      tuple(boxes), tuple(labels))
+
+
+@contextlib.contextmanager
+def _naming_the_record(annotation_file, kind, record):
+    """A malformed record of `annotation_file` as one ValueError naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as error:
+        which = f"{kind} {record.get('id')}" if isinstance(record, dict) else f"the {kind}s"
+        raise ValueError(f"{annotation_file}: {which} is malformed ({error!r}).") from None
 
 
 def _coco_annotation_file(root, split):

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,42 @@ def test_missing_files_are_one_line_errors(tmp_path, damage, message):
     with pytest.raises(ValueError, match=message) as raised:
         detection.read_coco_split(root, "val")
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda document: document["annotations"][0].pop("bbox"),
+    lambda document: document["annotations"][0].update(bbox=[1, 2, 3]),
+    lambda document: document["annotations"][0].pop("image_id"),
+    lambda document: document["images"][0].pop("height"),
+    lambda document: document.update(images=["000001.png"]),
+], ids=["no_bbox", "three_numbers", "no_image_id", "no_height", "image_not_a_record"])
+def test_malformed_records_are_one_line_errors_naming_the_file(tmp_path, damage):
+    root = str(tmp_path / "coco")
+    write_coco_folder(root, splits=(("val", 2),))
+    path = os.path.join(root, "annotations", "instances_val.json")
+    with open(path) as f:
+        document = json.load(f)
+    damage(document)
+    with open(path, "w") as f:
+        json.dump(document, f)
+    with pytest.raises(ValueError, match=r"^" + re.escape(path) + ": (annotation 1|image 1|the image list) is malformed") as raised:
+        detection.read_coco_split(root, "val")
+    assert "\n" not in str(raised.value)
+
+
+def test_images_in_subfolders_of_the_split_folder_are_found(tmp_path):
+    root = str(tmp_path / "coco")
+    write_coco_folder(root, splits=(("val", 2),))
+    path = os.path.join(root, "annotations", "instances_val.json")
+    with open(path) as f:
+        document = json.load(f)
+    os.makedirs(os.path.join(root, "val", "part"))
+    os.rename(os.path.join(root, "val", "000001.png"), os.path.join(root, "val", "part", "a.png"))
+    document["images"][0]["file_name"] = "part/a.png"
+    with open(path, "w") as f:
+        json.dump(document, f)
+    assert detection.read_coco_split(root, "val").image_paths[0] == os.path.join(
+        root, "val", "part", "a.png")
 
 
 def test_the_coco_download_layout_is_found(tmp_path):
