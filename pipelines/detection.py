@@ -147,7 +147,7 @@ def _naming_the_record(annotation_file, kind, record):
     try:
         yield
     except (ValueError, KeyError, TypeError) as error:
-        which = f"{kind} {record.get('id')}" if isinstance(record, dict) else f"the {kind}s"
+        which = f"{kind} {record.get('id')}" if isinstance(record, dict) else f"the {kind} list"
         raise ValueError(f"{annotation_file}: {which} is malformed ({error!r}).") from None
 
 
