@@ -135,7 +135,8 @@ def test_malformed_records_are_one_line_errors_naming_the_file(tmp_path, damage)
     damage(document)
     with open(path, "w") as f:
         json.dump(document, f)
-    with pytest.raises(ValueError, match=r"^" + re.escape(path) + ": (annotation 1|image 1|the image list) is malformed") as raised:
+    malformed = r"^" + re.escape(path) + ": (annotation 1|image 1|the image list) is malformed"
+    with pytest.raises(ValueError, match=malformed) as raised:
         detection.read_coco_split(root, "val")
     assert "\n" not in str(raised.value)
 
