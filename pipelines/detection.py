@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnext.kernels.images import decode_image
+from pipelines.dataset import UnreadableFiles
 
 __all__ = ["BOX_FORMAT", "SPLITS", "DetectionSplitInfo", "build_detection_dataset",
            "describe_detection_source", "parse_detection_source", "read_coco_split"]
@@ -169,15 +170,14 @@ def _cached_coco_split(root, split):
 
 
 def _coco_examples(root, split):
-    """`(image_bytes, normalised yxyx boxes, labels)` examples of a folder split."""
+    """`(image path, normalised yxyx boxes, labels)` examples of a folder split."""
     coco = _cached_coco_split(root, split)
     lengths = [len(labels) for labels in coco.labels]
     boxes = tf.RaggedTensor.from_row_lengths(
         np.concatenate(coco.boxes + (np.zeros((0, 4), np.float32),)), lengths)
     labels = tf.RaggedTensor.from_row_lengths(
         np.concatenate(coco.labels + (np.zeros((0,), np.int32),)), lengths)
-    dataset = tf.data.Dataset.from_tensor_slices((list(coco.image_paths), boxes, labels))
-    return dataset.map(lambda path, b, l: (tf.io.read_file(path), b, l))
+    return tf.data.Dataset.from_tensor_slices((list(coco.image_paths), boxes, labels))
 
 
 # --------------------------------------------------------------------------
@@ -254,19 +254,29 @@ def build_detection_dataset(source, split, batch_size, training, image_size, *,
     kind, location = parse_detection_source(source)
     if kind == "coco":
         dataset = _coco_examples(location, split)
+        read = tf.io.read_file
     else:
         dataset = _tfds_examples(_tfds_builder(location, data_dir), split, training, seed)
+        read = tf.identity  # TFDS gives the encoded bytes
     if training:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, seed=seed)
+    unreadable = UnreadableFiles(f"{source} {split}")
 
-    def view(image_bytes, boxes, labels):
-        image = decode_image(image_bytes)
-        if training:
-            image, boxes = random_horizontal_flip(image, boxes, seed)
-        image, boxes = resize_and_pad(image, boxes, image_size)
-        return image, dict(boxes=boxes, labels=tf.cast(labels, tf.float32))
+    def view(index, example):
+        path_or_bytes, boxes, labels = example
+        key = (path_or_bytes if kind == "coco"
+               else tf.strings.join([f"{location} record ", tf.strings.as_string(index)]))
+        with tf.control_dependencies([unreadable.started(key)]):
+            image = decode_image(read(path_or_bytes))
+            if training:
+                image, boxes = random_horizontal_flip(image, boxes, seed)
+            image, boxes = resize_and_pad(image, boxes, image_size)
+        # A failed read or decode stops here, leaving `key` in the report's table.
+        with tf.control_dependencies([unreadable.finished(key, after=image)]):
+            return tf.identity(image), dict(boxes=boxes, labels=tf.cast(labels, tf.float32))
 
-    dataset = dataset.map(view, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.enumerate().map(view, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    dataset = dataset.concatenate(unreadable.report_at_end(dataset.element_spec))
     dataset = dataset.map(at_least_one_row)
     dataset = dataset.padded_batch(
         batch_size, padded_shapes=([image_size, image_size, 3], dict(boxes=[None, 4],

@@ -156,6 +156,22 @@ def test_images_in_subfolders_of_the_split_folder_are_found(tmp_path):
         root, "val", "part", "a.png")
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_unreadable_images_are_skipped_and_named_as_the_classification_pipeline_does(
+        tmp_path, capfd, training):
+    root = str(tmp_path / "coco")
+    write_coco_folder(root, splits=(("val", 4),))
+    corrupt = os.path.join(root, "val", "000002.png")
+    with open(corrupt, "wb") as f:
+        f.write(b"not an image")
+    dataset = detection.build_detection_dataset(f"coco:{root}", "val", 1, training=training,
+                                                image_size=32, seed=0)
+    for _ in range(2):  # every pass skips it and says so
+        assert sum(1 for _ in dataset) == 3
+        assert (f"skipped 1 unreadable image(s) in this pass of coco:{root} val, including: "
+                f"{corrupt}") in capfd.readouterr().err
+
+
 def test_the_coco_download_layout_is_found(tmp_path):
     root = str(tmp_path)
     write_coco_folder(root, splits=(("val2017", 1),))
