@@ -4,6 +4,7 @@ keras-hub reads `pyramid_outputs` and `inputs` of our model (issue 12)."""
 import json
 import os
 import types
+import warnings
 
 import keras
 import numpy as np
@@ -132,3 +133,18 @@ def test_a_diverged_run_names_the_detection_clis_warmup_flag():
     with pytest.raises(kr.training.UserError) as error:
         logger.on_epoch_end(1, {"loss": float("nan")})
     assert str(error.value).endswith("lower --lr or add --warmup_steps."), str(error.value)
+
+
+def test_evaluating_a_pipeline_of_unknown_length_does_not_warn_of_interrupted_training(data):
+    # The detection pipeline skips unreadable images, so its length is unknown;
+    # Keras' predict then warns "Your input ran out of data; interrupting training".
+    images, targets = data
+    dataset = tf.data.Dataset.from_tensor_slices((images[:2], {
+        name: value[:2] for name, value in targets.items()})).filter(lambda *_: True).batch(2)
+    assert dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    model = detection.build_retinanet(tiny_encoder(), NUM_CLASSES, IMAGE_SIZE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ap = detection.evaluate_detector(model, dataset)
+    assert ap["eval_images"] == 2
+    assert not [w for w in caught if "ran out of data" in str(w.message)]

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from typing import Callable, Optional
 
 import keras
@@ -257,8 +258,12 @@ def evaluate_detector(model, dataset):
     """COCO box AP (`box_ap.coco_box_ap`) of `model`'s decoded detections on
     one pass of `dataset` (`(images, {"boxes", "labels"})` batches, -1 padding)."""
     # `predict`, not `predict_on_batch`: keras-hub 0.32's RetinaNet decodes only
-    # what `predict` hands it.
-    predicted = model.predict(dataset.map(lambda images, targets: images), verbose=0)
+    # what `predict` hands it. The pipeline's length is unknown (it skips unreadable
+    # images), and reading such a dataset to its end makes Keras warn of an
+    # interrupted training.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        predicted = model.predict(dataset.map(lambda images, targets: images), verbose=0)
     ground_truths = []
     for _, targets in dataset:
         for boxes, labels in zip(targets["boxes"].numpy(), targets["labels"].numpy()):
