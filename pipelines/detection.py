@@ -104,6 +104,7 @@ def read_coco_split(root, split):
             document = json.load(f)
         images, annotations = document["images"], document.get("annotations", [])
         categories = sorted(document["categories"], key=lambda category: category["id"])
+        class_names = tuple(category["name"] for category in categories)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{annotation_file}: not COCO instances JSON ({error!r}).") from None
     label_of = {category["id"]: label for label, category in enumerate(categories)}
@@ -138,8 +139,7 @@ def read_coco_split(root, split):
         boxes.append((np.reshape(np.array(image_boxes, np.float64), (-1, 4)) / scale)
                      .astype(np.float32))
         labels.append(np.array(image_labels, np.int32))
-    return CocoSplit(annotation_file, tuple(c["name"] for c in categories), tuple(paths),
-                     tuple(boxes), tuple(labels))
+    return CocoSplit(annotation_file, class_names, tuple(paths), tuple(boxes), tuple(labels))
 
 
 @contextlib.contextmanager

@@ -125,7 +125,9 @@ def test_missing_files_are_one_line_errors(tmp_path, damage, message):
     lambda document: document["annotations"][0].pop("image_id"),
     lambda document: document["images"][0].pop("height"),
     lambda document: document.update(images=["000001.png"]),
-], ids=["no_bbox", "three_numbers", "no_image_id", "no_height", "image_not_a_record"])
+    lambda document: document["categories"][0].pop("name"),
+], ids=["no_bbox", "three_numbers", "no_image_id", "no_height", "image_not_a_record",
+        "category_without_name"])
 def test_malformed_records_are_one_line_errors_naming_the_file(tmp_path, damage):
     root = str(tmp_path / "coco")
     write_coco_folder(root, splits=(("val", 2),))
@@ -135,7 +137,8 @@ def test_malformed_records_are_one_line_errors_naming_the_file(tmp_path, damage)
     damage(document)
     with open(path, "w") as f:
         json.dump(document, f)
-    malformed = r"^" + re.escape(path) + ": (annotation 1|image 1|the image list) is malformed"
+    malformed = (r"^" + re.escape(path)
+                 + ": ((annotation 1|image 1|the image list) is malformed|not COCO instances JSON)")
     with pytest.raises(ValueError, match=malformed) as raised:
         detection.read_coco_split(root, "val")
     assert "\n" not in str(raised.value)
