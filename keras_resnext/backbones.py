@@ -21,10 +21,17 @@ def feature_extractor(model, levels=DEFAULT_LEVELS, name=None):
         )
     if isinstance(levels, str):
         levels = (levels,)
-    unknown = [level for level in levels if level not in pyramid]
-    if unknown or not levels:
+    if not isinstance(levels, (list, tuple)) or not levels or not all(
+        isinstance(level, str) for level in levels
+    ):
         raise ValueError(
-            f"Unknown pyramid level(s) {unknown or list(levels)} for {model.name!r}; "
+            f"`levels` must be a level name or a non-empty sequence of them; got {levels!r}; "
+            f"available: {', '.join(pyramid)}."
+        )
+    unknown = [level for level in levels if level not in pyramid]
+    if unknown:
+        raise ValueError(
+            f"Unknown pyramid level(s) {unknown} for {model.name!r}; "
             f"available: {', '.join(pyramid)}."
         )
     # One input as itself, not a list of one: callers pass a tensor, not [tensor].

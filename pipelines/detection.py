@@ -23,6 +23,7 @@ keras-hub's "no box"; every image keeps at least one row, so a batch without
 objects still has a box axis.
 """
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -33,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_resnext.kernels.images import decode_image
+from pipelines.dataset import UnreadableFiles
 
 __all__ = ["BOX_FORMAT", "SPLITS", "DetectionSplitInfo", "build_detection_dataset",
            "describe_detection_source", "parse_detection_source", "read_coco_split"]
@@ -102,35 +104,52 @@ def read_coco_split(root, split):
             document = json.load(f)
         images, annotations = document["images"], document.get("annotations", [])
         categories = sorted(document["categories"], key=lambda category: category["id"])
+        class_names = tuple(category["name"] for category in categories)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{annotation_file}: not COCO instances JSON ({error!r}).") from None
     label_of = {category["id"]: label for label, category in enumerate(categories)}
     image_folder = os.path.join(
         root, os.path.basename(annotation_file)[len("instances_"):-len(".json")])
     present = set(os.listdir(image_folder)) if os.path.isdir(image_folder) else set()
-    by_image = {image["id"]: ([], []) for image in images}
+    with _naming_the_record(annotation_file, "image", images):
+        by_image = {image["id"]: ([], []) for image in images}
     for annotation in annotations:
-        x, y, width, height = annotation["bbox"]
-        if annotation.get("iscrowd", 0) or width <= 0 or height <= 0:
+        with _naming_the_record(annotation_file, "annotation", annotation):
+            x, y, width, height = annotation["bbox"]
+            crowd = annotation.get("iscrowd", 0) or width <= 0 or height <= 0
+            image_id, category_id = annotation["image_id"], annotation["category_id"]
+        if crowd:
             continue
-        if annotation["image_id"] not in by_image or annotation["category_id"] not in label_of:
+        if image_id not in by_image or category_id not in label_of:
             raise ValueError(f"{annotation_file}: annotation {annotation.get('id')} names an "
                              "image or category the file does not list.")
-        by_image[annotation["image_id"]][0].append((y, x, y + height, x + width))
-        by_image[annotation["image_id"]][1].append(label_of[annotation["category_id"]])
+        by_image[image_id][0].append((y, x, y + height, x + width))
+        by_image[image_id][1].append(label_of[category_id])
     paths, boxes, labels = [], [], []
     for image in images:
-        if image["file_name"] not in present:
+        path = os.path.join(image_folder, image["file_name"])
+        # A file_name may have folders (COCO's format allows it); listdir sees only the top.
+        if image["file_name"] not in present and not os.path.isfile(path):
             raise ValueError(f"{annotation_file} lists {image['file_name']}, which is not in "
                              f"{image_folder}.")
-        paths.append(os.path.join(image_folder, image["file_name"]))
-        scale = np.array([image["height"], image["width"]] * 2, dtype=np.float64)
+        paths.append(path)
+        with _naming_the_record(annotation_file, "image", image):
+            scale = np.array([image["height"], image["width"]] * 2, dtype=np.float64)
         image_boxes, image_labels = by_image[image["id"]]
         boxes.append((np.reshape(np.array(image_boxes, np.float64), (-1, 4)) / scale)
                      .astype(np.float32))
         labels.append(np.array(image_labels, np.int32))
-    return CocoSplit(annotation_file, tuple(c["name"] for c in categories), tuple(paths),
-                     tuple(boxes), tuple(labels))
+    return CocoSplit(annotation_file, class_names, tuple(paths), tuple(boxes), tuple(labels))
+
+
+@contextlib.contextmanager
+def _naming_the_record(annotation_file, kind, record):
+    """A malformed record of `annotation_file` as one ValueError naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as error:
+        which = f"{kind} {record.get('id')}" if isinstance(record, dict) else f"the {kind} list"
+        raise ValueError(f"{annotation_file}: {which} is malformed ({error!r}).") from None
 
 
 def _coco_annotation_file(root, split):
@@ -151,15 +170,14 @@ def _cached_coco_split(root, split):
 
 
 def _coco_examples(root, split):
-    """`(image_bytes, normalised yxyx boxes, labels)` examples of a folder split."""
+    """`(image path, normalised yxyx boxes, labels)` examples of a folder split."""
     coco = _cached_coco_split(root, split)
     lengths = [len(labels) for labels in coco.labels]
     boxes = tf.RaggedTensor.from_row_lengths(
         np.concatenate(coco.boxes + (np.zeros((0, 4), np.float32),)), lengths)
     labels = tf.RaggedTensor.from_row_lengths(
         np.concatenate(coco.labels + (np.zeros((0,), np.int32),)), lengths)
-    dataset = tf.data.Dataset.from_tensor_slices((list(coco.image_paths), boxes, labels))
-    return dataset.map(lambda path, b, l: (tf.io.read_file(path), b, l))
+    return tf.data.Dataset.from_tensor_slices((list(coco.image_paths), boxes, labels))
 
 
 # --------------------------------------------------------------------------
@@ -236,19 +254,29 @@ def build_detection_dataset(source, split, batch_size, training, image_size, *,
     kind, location = parse_detection_source(source)
     if kind == "coco":
         dataset = _coco_examples(location, split)
+        read = tf.io.read_file
     else:
         dataset = _tfds_examples(_tfds_builder(location, data_dir), split, training, seed)
+        read = tf.identity  # TFDS gives the encoded bytes
     if training:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, seed=seed)
+    unreadable = UnreadableFiles(f"{source} {split}")
 
-    def view(image_bytes, boxes, labels):
-        image = decode_image(image_bytes)
-        if training:
-            image, boxes = random_horizontal_flip(image, boxes, seed)
-        image, boxes = resize_and_pad(image, boxes, image_size)
-        return image, dict(boxes=boxes, labels=tf.cast(labels, tf.float32))
+    def view(index, example):
+        path_or_bytes, boxes, labels = example
+        key = (path_or_bytes if kind == "coco"
+               else tf.strings.join([f"{location} record ", tf.strings.as_string(index)]))
+        with tf.control_dependencies([unreadable.started(key)]):
+            image = decode_image(read(path_or_bytes))
+            if training:
+                image, boxes = random_horizontal_flip(image, boxes, seed)
+            image, boxes = resize_and_pad(image, boxes, image_size)
+        # A failed read or decode stops here, leaving `key` in the report's table.
+        with tf.control_dependencies([unreadable.finished(key, after=image)]):
+            return tf.identity(image), dict(boxes=boxes, labels=tf.cast(labels, tf.float32))
 
-    dataset = dataset.map(view, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.enumerate().map(view, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    dataset = dataset.concatenate(unreadable.report_at_end(dataset.element_spec))
     dataset = dataset.map(at_least_one_row)
     dataset = dataset.padded_batch(
         batch_size, padded_shapes=([image_size, image_size, 3], dict(boxes=[None, 4],

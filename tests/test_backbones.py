@@ -64,6 +64,13 @@ def test_feature_extractor_names_the_available_levels_for_an_unknown_one():
         kr.feature_extractor(small_cifar(), levels=("P1", "P5"))
 
 
+@pytest.mark.parametrize("levels", [None, 3, (), ("P2", 3)])
+def test_feature_extractor_refuses_levels_that_are_not_level_names(levels):
+    # A ValueError naming the argument, not a TypeError from deep inside.
+    with pytest.raises(ValueError, match=r"^`levels` must be .*available: P0, P1, P2\.$"):
+        kr.feature_extractor(small_cifar(), levels=levels)
+
+
 # --- Dilation (torchvision's replace_stride_with_dilation) ---------------------
 
 

@@ -3,6 +3,8 @@ keras-hub reads `pyramid_outputs` and `inputs` of our model (issue 12)."""
 
 import json
 import os
+import types
+import warnings
 
 import keras
 import numpy as np
@@ -120,3 +122,29 @@ def test_saved_model_serves_the_detections(trained, data, tmp_path):
                                rtol=1e-3, atol=1e-2)
     with open(os.path.join(path, "assets.extra", "class_names.json")) as f:
         assert json.load(f) == ["red", "green", "blue"]
+
+
+def test_a_diverged_run_names_the_detection_clis_warmup_flag():
+    # train/detection.py has --warmup_steps, not the classification CLIs' --warmup_epochs.
+    logger = detection._EpochLogger(optimizer=None, completed=None,
+                                    checkpoints=types.SimpleNamespace(directory="ckpts"),
+                                    csv_path=None, writers=None, images_per_epoch=8)
+    logger.started = 0.0
+    with pytest.raises(kr.training.UserError) as error:
+        logger.on_epoch_end(1, {"loss": float("nan")})
+    assert str(error.value).endswith("lower --lr or add --warmup_steps."), str(error.value)
+
+
+def test_evaluating_a_pipeline_of_unknown_length_does_not_warn_of_interrupted_training(data):
+    # The detection pipeline skips unreadable images, so its length is unknown;
+    # Keras' predict then warns "Your input ran out of data; interrupting training".
+    images, targets = data
+    dataset = tf.data.Dataset.from_tensor_slices((images[:2], {
+        name: value[:2] for name, value in targets.items()})).filter(lambda *_: True).batch(2)
+    assert dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    model = detection.build_retinanet(tiny_encoder(), NUM_CLASSES, IMAGE_SIZE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ap = detection.evaluate_detector(model, dataset)
+    assert ap["eval_images"] == 2
+    assert not [w for w in caught if "ran out of data" in str(w.message)]

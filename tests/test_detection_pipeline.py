@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,62 @@ def test_missing_files_are_one_line_errors(tmp_path, damage, message):
     with pytest.raises(ValueError, match=message) as raised:
         detection.read_coco_split(root, "val")
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda document: document["annotations"][0].pop("bbox"),
+    lambda document: document["annotations"][0].update(bbox=[1, 2, 3]),
+    lambda document: document["annotations"][0].pop("image_id"),
+    lambda document: document["images"][0].pop("height"),
+    lambda document: document.update(images=["000001.png"]),
+    lambda document: document["categories"][0].pop("name"),
+], ids=["no_bbox", "three_numbers", "no_image_id", "no_height", "image_not_a_record",
+        "category_without_name"])
+def test_malformed_records_are_one_line_errors_naming_the_file(tmp_path, damage):
+    root = str(tmp_path / "coco")
+    write_coco_folder(root, splits=(("val", 2),))
+    path = os.path.join(root, "annotations", "instances_val.json")
+    with open(path) as f:
+        document = json.load(f)
+    damage(document)
+    with open(path, "w") as f:
+        json.dump(document, f)
+    malformed = (r"^" + re.escape(path)
+                 + ": ((annotation 1|image 1|the image list) is malformed|not COCO instances JSON)")
+    with pytest.raises(ValueError, match=malformed) as raised:
+        detection.read_coco_split(root, "val")
+    assert "\n" not in str(raised.value)
+
+
+def test_images_in_subfolders_of_the_split_folder_are_found(tmp_path):
+    root = str(tmp_path / "coco")
+    write_coco_folder(root, splits=(("val", 2),))
+    path = os.path.join(root, "annotations", "instances_val.json")
+    with open(path) as f:
+        document = json.load(f)
+    os.makedirs(os.path.join(root, "val", "part"))
+    os.rename(os.path.join(root, "val", "000001.png"), os.path.join(root, "val", "part", "a.png"))
+    document["images"][0]["file_name"] = "part/a.png"
+    with open(path, "w") as f:
+        json.dump(document, f)
+    assert detection.read_coco_split(root, "val").image_paths[0] == os.path.join(
+        root, "val", "part", "a.png")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_unreadable_images_are_skipped_and_named_as_the_classification_pipeline_does(
+        tmp_path, capfd, training):
+    root = str(tmp_path / "coco")
+    write_coco_folder(root, splits=(("val", 4),))
+    corrupt = os.path.join(root, "val", "000002.png")
+    with open(corrupt, "wb") as f:
+        f.write(b"not an image")
+    dataset = detection.build_detection_dataset(f"coco:{root}", "val", 1, training=training,
+                                                image_size=32, seed=0)
+    for _ in range(2):  # every pass skips it and says so
+        assert sum(1 for _ in dataset) == 3
+        assert (f"skipped 1 unreadable image(s) in this pass of coco:{root} val, including: "
+                f"{corrupt}") in capfd.readouterr().err
 
 
 def test_the_coco_download_layout_is_found(tmp_path):

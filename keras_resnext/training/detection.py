@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from typing import Callable, Optional
 
 import keras
@@ -223,7 +224,7 @@ class _EpochLogger(keras.callbacks.Callback):
         self.last = dict(logs or {})
         if not np.isfinite(self.last["loss"]):
             raise diverged(f"the training loss is {self.last['loss']} after epoch {epoch + 1}",
-                           self.checkpoints.directory)
+                           self.checkpoints.directory, warmup_flag="--warmup_steps")
         row = dict(epoch=epoch + 1, learning_rate=self.learning_rate, loss=self.last["loss"],
                    box_loss=self.last.get("bbox_regression_loss"),
                    classification_loss=self.last.get("cls_logits_loss"), seconds=seconds,
@@ -257,8 +258,12 @@ def evaluate_detector(model, dataset):
     """COCO box AP (`box_ap.coco_box_ap`) of `model`'s decoded detections on
     one pass of `dataset` (`(images, {"boxes", "labels"})` batches, -1 padding)."""
     # `predict`, not `predict_on_batch`: keras-hub 0.32's RetinaNet decodes only
-    # what `predict` hands it.
-    predicted = model.predict(dataset.map(lambda images, targets: images), verbose=0)
+    # what `predict` hands it. The pipeline's length is unknown (it skips unreadable
+    # images), and reading such a dataset to its end makes Keras warn of an
+    # interrupted training.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        predicted = model.predict(dataset.map(lambda images, targets: images), verbose=0)
     ground_truths = []
     for _, targets in dataset:
         for boxes, labels in zip(targets["boxes"].numpy(), targets["labels"].numpy()):

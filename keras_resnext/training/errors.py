@@ -16,8 +16,9 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def diverged(what, checkpoint_dir):
+def diverged(what, checkpoint_dir, warmup_flag="--warmup_epochs"):
+    """`warmup_flag`: the calling CLI's warmup flag, named in the hint."""
     return TrainingDiverged(
         f"Training stopped: {what}. The last good checkpoint is in {checkpoint_dir}; "
-        "lower --lr or add --warmup_epochs."
+        f"lower --lr or add {warmup_flag}."
     )
