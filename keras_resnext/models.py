@@ -83,8 +83,10 @@ class ResNeXt(NativeKernelSteps, keras.Model):
 
     `model.pyramid_outputs` maps "P1" (the ImageNet stem's conv, after its
     ReLU) and "P2".."P5" (conv2..conv5 outputs) to their KerasTensors, keras-hub's
-    convention; a CIFAR model has "P0".."P2" for its three stages. The names are
-    the undilated strides: a dilated stage keeps the previous level's resolution.
+    convention; a CIFAR model has "P0".."P2" for its three stages. A level is
+    log2 of its map's stride, so under dilation the deepest stage at a stride
+    holds its level and the dilated levels are gone: `(False, True, True)`
+    gives "P1".."P3", "P3" being conv5's output.
     """
 
     def __init__(
@@ -137,7 +139,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
         else:
             x = blocks.conv_bn(x, 64, 3, 1, "conv1")
-        first_level = FIRST_STAGE_LEVEL[stem]
+        level = FIRST_STAGE_LEVEL[stem]
         drop_path_rates = iter(_drop_path_rates(drop_path_rate, sum(stage_depths)))
         dilation = 1
         for stage, (num_blocks, filters) in enumerate(zip(stage_depths, stage_filters)):
@@ -147,6 +149,7 @@ class ResNeXt(NativeKernelSteps, keras.Model):
             first_block_dilation = dilation
             if stage > 0 and replace_stride_with_dilation[stage - 1]:
                 dilation, stride = dilation * stride, 1
+            level += stride // 2
             for block in range(num_blocks):
                 x = blocks.bottleneck(
                     x, filters, cardinality, width, stride if block == 0 else 1, block_form,
@@ -155,7 +158,9 @@ class ResNeXt(NativeKernelSteps, keras.Model):
                     drop_path_rate=next(drop_path_rates),
                     zero_init_last=zero_init_last,
                 )
-            pyramid_outputs[f"P{first_level + stage}"] = x
+            # Level = log2 of the stride, which keras-hub's consumers compute
+            # scales from: a dilated stage's map replaces the previous one's.
+            pyramid_outputs[f"P{level}"] = x
         if include_top:
             x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
             x = layers.Dense(classes, activation=classifier_activation, name="predictions")(x)

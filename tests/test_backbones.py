@@ -79,12 +79,17 @@ def dilation_rates(model):
             if layer.name.endswith("_2_conv")}
 
 
-@pytest.mark.parametrize("flags, output_stride", [((False, False, True), 16),
-                                                  ((False, True, True), 8)])
-def test_dilation_sets_the_output_stride(flags, output_stride):
+@pytest.mark.parametrize("flags, strides", [
+    ((False, False, True), {"P1": 2, "P2": 4, "P3": 8, "P4": 16}),
+    ((False, True, True), {"P1": 2, "P2": 4, "P3": 8}),
+])
+def test_dilation_sets_the_output_stride_and_levels_stay_log2_of_the_stride(flags, strides):
+    # keras-hub's consumers compute scales from the level: DeepLabV3 upsampled
+    # a dilated "P5" (stride 8) by 32 when levels kept their stage's name.
     model = small_imagenet(replace_stride_with_dilation=flags)
-    assert model.inputs[0].shape[1] // model.pyramid_outputs["P5"].shape[1] == output_stride
-    assert model.pyramid_outputs["P3"].shape[1] == 64 // 8  # conv3 is never dilated
+    assert spatial_strides(model) == strides
+    deepest = model.pyramid_outputs[max(strides, key=strides.get)]
+    assert deepest is model.get_layer("conv5_block3_out").output
 
 
 def test_dilation_follows_torchvisions_make_layer():
@@ -340,7 +345,8 @@ def test_backbone_options_survive_keras_round_trip(tmp_path):
     loaded = keras.saving.load_model(path)
     assert trainable_counts(loaded) == trainable_counts(model)
     assert loaded.get_config() == model.get_config()
-    assert spatial_strides(loaded) == {"P0": 1, "P1": 2, "P2": 2}
+    assert spatial_strides(loaded) == {"P0": 1, "P1": 2}
+    assert loaded.pyramid_outputs["P1"] is loaded.get_layer("conv4_block1_out").output
 
 
 @pytest.mark.parametrize("value", [6, -1, True, 2.0])
@@ -411,7 +417,7 @@ def test_dilated_model_matches_torchvision(tmp_path):
                           input_shape=(64, 64, 3), replace_stride_with_dilation=flags,
                           freeze_batch_norm=True)
     kr.load_weights(backbone, str(tmp_path / "dilated.pth"))
-    p5 = kr.feature_extractor(backbone, "P5")(images)["P5"]
+    p5 = kr.feature_extractor(backbone, "P3")(images)["P3"]  # conv5 at stride 8
     np.testing.assert_allclose(np.asarray(p5), np.load(tmp_path / "p5.npy"), rtol=1e-4,
                                atol=1e-4)
 
@@ -435,15 +441,15 @@ def small(**options):
 
 results["imagenet"] = strides(small())
 for flags in ([False, False, True], [False, True, True]):
-    results[str(flags)] = strides(small(replace_stride_with_dilation=flags))["P5"]
+    results[str(flags)] = strides(small(replace_stride_with_dilation=flags))
 
 dilated = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3),
                        replace_stride_with_dilation=(True, True), freeze_batch_norm=True,
                        weights=weights)
 x = np.load(inputs)
 results["cifar"] = strides(dilated)
-features = kr.feature_extractor(dilated, ["P0", "P2"]).predict_on_batch(x)
-np.save(folder + "/jax_p2.npy", np.asarray(features["P2"]))
+features = kr.feature_extractor(dilated, ["P0"]).predict_on_batch(x)
+np.save(folder + "/jax_p0.npy", np.asarray(features["P0"]))
 np.save(folder + "/jax_logits.npy", np.asarray(dilated.predict_on_batch(x)))
 
 # Frozen BN and frozen stages (all but conv4, CIFAR's last) under fit.
@@ -491,13 +497,14 @@ def test_backbone_options_on_jax(python_subprocess, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.split("RESULTS", 1)[1])
     assert results["imagenet"] == {"P1": 2, "P2": 4, "P3": 8, "P4": 16, "P5": 32}
-    assert results["[False, False, True]"] == 16 and results["[False, True, True]"] == 8
-    assert results["cifar"] == {"P0": 1, "P1": 1, "P2": 1}
+    assert results["[False, False, True]"] == {"P1": 2, "P2": 4, "P3": 8, "P4": 16}
+    assert results["[False, True, True]"] == {"P1": 2, "P2": 4, "P3": 8}
+    assert results["cifar"] == {"P0": 1}
     np.testing.assert_allclose(np.load(tmp_path / "jax_logits.npy"),
                                model.predict_on_batch(images), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        np.load(tmp_path / "jax_p2.npy"),
-        kr.feature_extractor(model, "P2").predict_on_batch(images)["P2"], rtol=1e-4, atol=1e-4)
+        np.load(tmp_path / "jax_p0.npy"),
+        kr.feature_extractor(model, "P0").predict_on_batch(images)["P0"], rtol=1e-4, atol=1e-4)
     assert results["frozen_unchanged"] and results["trained_moved"]
     assert {int(k): tuple(v) for k, v in results["counts"].items()} == \
         TORCHVISION_TRAINABLE["FrozenBatchNorm2d"]

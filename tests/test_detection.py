@@ -148,3 +148,19 @@ def test_evaluating_a_pipeline_of_unknown_length_does_not_warn_of_interrupted_tr
         ap = detection.evaluate_detector(model, dataset)
     assert ap["eval_images"] == 2
     assert not [w for w in caught if "ran out of data" in str(w.message)]
+
+
+@pytest.mark.parametrize("flags, key", [(None, "P5"), ((False, False, True), "P4"),
+                                        ((False, True, True), "P3")])
+def test_keras_hubs_deeplab_segments_at_the_input_size_on_a_dilated_encoder(flags, key):
+    # DeepLabV3 upsamples by 2**level of its key: a dilated encoder whose
+    # stride-8 conv5 was still called "P5" gave 4x the input size, silently,
+    # and its stride-8 "P3" was conv3's map, not the dilated conv5's.
+    encoder = kr.ResNeXt((1, 1, 1, 1), cardinality=2, width=4, include_top=False,
+                         input_shape=(64, 64, 3), replace_stride_with_dilation=flags)
+    assert encoder.pyramid_outputs[key] is encoder.get_layer("conv5_block1_out").output
+    backbone = keras_hub.models.DeepLabV3Backbone(
+        image_encoder=encoder, spatial_pyramid_pooling_key=key, low_level_feature_key="P2",
+        upsampling_size=2 ** (int(key[1:]) - 2), dilation_rates=[6, 12, 18])
+    segmenter = keras_hub.models.DeepLabV3ImageSegmenter(backbone=backbone, num_classes=3)
+    assert tuple(segmenter(np.zeros((1, 64, 64, 3), "float32")).shape) == (1, 64, 64, 3)
