@@ -734,10 +734,13 @@ def test_imagenet2012_needs_manual_dir_and_passes_it_to_tfds(tmp_path, monkeypat
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
                         record_download_config)
+    manual_dir = tmp_path / "ilsvrc2012"  # checked to hold something first
+    manual_dir.mkdir()
+    (manual_dir / "ILSVRC2012_img_val.tar").write_bytes(b"")
     with pytest.raises(RuntimeError, match="stop after"):
-        pipelines.describe_source("imagenet2012", "train", data_dir=str(tmp_path),
-                                  manual_dir="/data/ilsvrc2012")
-    assert received == ["/data/ilsvrc2012"]
+        pipelines.describe_source("imagenet2012", "train", data_dir=str(tmp_path / "tfds"),
+                                  manual_dir=str(manual_dir))
+    assert received == [str(manual_dir)]
 
 
 def test_unknown_source_kind_is_an_error():
