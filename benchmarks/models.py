@@ -23,6 +23,11 @@ SavedModel of `kr.export_saved_model` in the precision asked, called through
 configuration (backend, device, precision, batch size, image size); a run
 replaces its configuration's earlier entry.
 
+`--threads N` caps both sides' intra-op threads (TensorFlow's and torch's).
+On a shared machine with fewer free cores than threads, torch's OpenMP
+threads wait for each other at every barrier and its figures collapse
+(here, 2 shared cores: 1.8 s a ResNeXt-50 image with 2 threads, 0.12 s with 1).
+
 CPU (this repo's venv for ours, another interpreter for torchvision):
     python benchmarks/models.py --torch_python /path/to/torchvenv/bin/python
 GPU with Keras-JAX, mixed precision, training only:
@@ -52,11 +57,17 @@ TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50
 SERVED, COMPILED = "ours_served", "torchvision_compiled"
 
 
-def ours_worker(model_name, mode, batch_size, image_size, precision, device, served=False):
+def ours_worker(model_name, mode, batch_size, image_size, precision, device, served=False,
+                threads=None):
     import numpy as np
 
     import keras_resnext as kr  # first: it arranges oneDNN before TF loads
     import keras
+
+    if threads and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
 
     if precision != "float32":
         keras.config.set_dtype_policy(f"mixed_{precision}")
@@ -101,9 +112,12 @@ def served_step(model, x, precision):
 
 
 def torchvision_worker(model_name, mode, batch_size, image_size, precision, device,
-                       compiled=False):
+                       compiled=False, threads=None):
     import torch
     import torchvision
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model = getattr(torchvision.models, TORCHVISION_NAMES[model_name])()
     model = model.to(device=device, memory_format=torch.channels_last)
@@ -151,12 +165,14 @@ def serve(args):
     """Worker loop: build once, then answer 'run N' with seconds."""
     if args.worker in ("ours", SERVED):
         step, version = ours_worker(args.model, args.mode, args.batch_size, args.image_size,
-                                    args.precision, args.device, served=args.worker == SERVED)
+                                    args.precision, args.device, served=args.worker == SERVED,
+                                    threads=args.threads)
     else:
         device = "cuda" if args.device == "gpu" else "cpu"
         step, version = torchvision_worker(args.model, args.mode, args.batch_size,
                                            args.image_size, args.precision, device,
-                                           compiled=args.worker == COMPILED)
+                                           compiled=args.worker == COMPILED,
+                                           threads=args.threads)
     answer_runs(step, version, args.warmup)
 
 
@@ -165,6 +181,8 @@ def start_worker(implementation, python, model, mode, args):
                "--model", model, "--mode", mode, "--batch_size", str(args.batch_size),
                "--image_size", str(args.image_size), "--precision", args.precision,
                "--device", args.device, "--warmup", str(args.warmup)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     env = repo_environment(KERAS_BACKEND=args.backend)
     # Several workers share one GPU: JAX must not grab 75% of it up front.
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -209,6 +227,8 @@ def save_per_cpu(results_dir, entry):
     args = entry["args"]
     configuration = (f"{args['backend']} {args['device']} {args['precision']} "
                      f"batch{args['batch_size']} {args['image_size']}px")
+    if args.get("threads"):
+        configuration += f" {args['threads']}threads"
     path = os.path.join(results_dir, f"models_{cpu_file_name()}.json")
     runs = {}
     if os.path.exists(path):
@@ -242,6 +262,8 @@ def main():
     parser.add_argument("--python", default=sys.executable, help="interpreter for ours")
     parser.add_argument("--torch_python", default=sys.executable,
                         help="interpreter with torch + torchvision")
+    parser.add_argument("--threads", type=int,
+                        help="intra-op threads of each side (default: theirs)")
     parser.add_argument("--latency_calls", type=int, default=50,
                         help="at batch size 1, the fewest calls timed per worker")
     parser.add_argument("--json", help="also write the results here")
@@ -297,9 +319,10 @@ def main():
                     p50_ms=1000 * percentile(worker.latencies, 0.5),
                     p99_ms=1000 * percentile(worker.latencies, 0.99))
 
-    print(f"\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, {args.precision}, "
-          f"backend {args.backend}, device {args.device}, median of {args.repeats} rounds "
-          f"of {args.steps} batches")
+    threads = f", {args.threads} threads" if args.threads else ""
+    print(f"\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"{args.precision}{threads}, backend {args.backend}, device {args.device}, "
+          f"median of {args.repeats} rounds of {args.steps} batches")
     print(f"{'implementation':<22}{'model':<18}{'mode':<11}{'img/s':>8}   rounds")
     for (impl, model, mode), r in results.items():
         rounds = " ".join(f"{rate:.2f}" for rate in r["rates"])
@@ -346,8 +369,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump(saved, f, indent=1)
     if args.results_dir:
-        saved.update(cpu=cpu_description(),
-                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        now = datetime.datetime.now(datetime.timezone.utc)
+        saved.update(cpu=cpu_description(), date=now.isoformat(timespec="seconds"),
                      command=shlex.join(["python", *sys.argv]))
         print(f"kept in {save_per_cpu(args.results_dir, saved)}")
 
