@@ -9,6 +9,25 @@ the ratios within rounds:
     ours ResNeXt-50 / torchvision ResNeXt-50   (inference, training)
     ours ResNeXt-50 time / ours ResNet-50 time (cost of cardinality)
 
+`--precision bfloat16` runs ours under Keras' `mixed_bfloat16` policy and
+torchvision under `torch.autocast(device, dtype=torch.bfloat16)`.
+
+`--batch_size 1` is the latency mode: each call is timed on its own (at
+least `--latency_calls` per worker, spread over the rounds) and p50 and p99
+are reported beside the rates; at inference it adds ours served (the
+SavedModel of `kr.export_saved_model` in the precision asked, called through
+`serving_preprocessed`) and torchvision `torch.compile`d, where it compiles.
+
+`--results_dir benchmarks/results` keeps one JSON file per CPU model
+(`models_<cpu>.json`, see machine.cpu_file_name), holding one entry per
+configuration (backend, device, precision, batch size, image size); a run
+replaces its configuration's earlier entry.
+
+`--threads N` caps both sides' intra-op threads (TensorFlow's and torch's).
+On a shared machine with fewer free cores than threads, torch's OpenMP
+threads wait for each other at every barrier and its figures collapse
+(here, 2 shared cores: 1.8 s a ResNeXt-50 image with 2 threads, 0.12 s with 1).
+
 CPU (this repo's venv for ours, another interpreter for torchvision):
     python benchmarks/models.py --torch_python /path/to/torchvenv/bin/python
 GPU with Keras-JAX, mixed precision, training only:
@@ -17,25 +36,38 @@ GPU with Keras-JAX, mixed precision, training only:
 """
 
 import argparse
+import datetime
 import json
+import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 from timed_workers import (Worker, add_round_arguments, answer_runs, measure_in_rounds,
                            repo_environment)
-from machine import print_cpu
+from machine import cpu_description, cpu_file_name, print_cpu
 
 MODELS = ("resnext50_32x4d", "resnet50")
 TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50"}
+# Variants measured in latency mode only, beside "ours" and "torchvision".
+SERVED, COMPILED = "ours_served", "torchvision_compiled"
 
 
-def ours_worker(model_name, mode, batch_size, image_size, precision, device):
+def ours_worker(model_name, mode, batch_size, image_size, precision, device, served=False,
+                threads=None):
     import numpy as np
 
     import keras_resnext as kr  # first: it arranges oneDNN before TF loads
     import keras
+
+    if threads and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
 
     if precision != "float32":
         keras.config.set_dtype_policy(f"mixed_{precision}")
@@ -54,15 +86,38 @@ def ours_worker(model_name, mode, batch_size, image_size, precision, device):
 
         def step():
             model.train_on_batch(x, y)
+    elif served:
+        return served_step(model, x, precision), (
+            f"keras {keras.__version__}, served SavedModel ({precision})")
     else:
         def step():
             model.predict_on_batch(x)
     return step, f"keras {keras.__version__} ({keras.backend.backend()})"
 
 
-def torchvision_worker(model_name, mode, batch_size, image_size, precision, device):
+def served_step(model, x, precision):
+    """A step through `serving_preprocessed` of the model's SavedModel."""
+    import tensorflow as tf
+
+    import keras_resnext as kr
+
+    export_dir = kr.export_saved_model(model, tempfile.mkdtemp(prefix="models-bench-"),
+                                       dtype=precision)
+    signature = tf.saved_model.load(export_dir).signatures["serving_preprocessed"]
+    images = tf.constant(x)
+
+    def step():
+        signature(images=images)["probabilities"].numpy()
+    return step
+
+
+def torchvision_worker(model_name, mode, batch_size, image_size, precision, device,
+                       compiled=False, threads=None):
     import torch
     import torchvision
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model = getattr(torchvision.models, TORCHVISION_NAMES[model_name])()
     model = model.to(device=device, memory_format=torch.channels_last)
@@ -95,23 +150,29 @@ def torchvision_worker(model_name, mode, batch_size, image_size, precision, devi
             sync()
     else:
         model.eval()
+        if compiled:
+            model = torch.compile(model)
 
         def step():
             with torch.inference_mode(), autocast():
                 model(x)
             sync()
-    return step, f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    compiled_note = ", torch.compile" if compiled else ""
+    return step, f"torch {torch.__version__}, torchvision {torchvision.__version__}{compiled_note}"
 
 
 def serve(args):
     """Worker loop: build once, then answer 'run N' with seconds."""
-    if args.worker == "ours":
+    if args.worker in ("ours", SERVED):
         step, version = ours_worker(args.model, args.mode, args.batch_size, args.image_size,
-                                    args.precision, args.device)
+                                    args.precision, args.device, served=args.worker == SERVED,
+                                    threads=args.threads)
     else:
         device = "cuda" if args.device == "gpu" else "cpu"
         step, version = torchvision_worker(args.model, args.mode, args.batch_size,
-                                           args.image_size, args.precision, device)
+                                           args.image_size, args.precision, device,
+                                           compiled=args.worker == COMPILED,
+                                           threads=args.threads)
     answer_runs(step, version, args.warmup)
 
 
@@ -120,10 +181,64 @@ def start_worker(implementation, python, model, mode, args):
                "--model", model, "--mode", mode, "--batch_size", str(args.batch_size),
                "--image_size", str(args.image_size), "--precision", args.precision,
                "--device", args.device, "--warmup", str(args.warmup)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     env = repo_environment(KERAS_BACKEND=args.backend)
     # Several workers share one GPU: JAX must not grab 75% of it up front.
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     return Worker((implementation, model, mode), command, env)
+
+
+def latency_mode(args):
+    return args.batch_size == 1
+
+
+def measure_latencies(workers, args):
+    """Interleaved rounds as `measure_in_rounds`, each call timed on its own:
+    `worker.latencies` gets every call's seconds and `worker.rates` each
+    round's images/s, so the paired ratios read as at other batch sizes."""
+    calls = max(args.steps, math.ceil(args.latency_calls / args.repeats))
+    for worker in workers:
+        worker.latencies = []
+    for round_index in range(args.repeats):
+        shift = round_index % len(workers)
+        for worker in workers[shift:] + workers[:shift]:
+            time.sleep(args.settle)
+            seconds = []
+            for _ in range(calls):
+                worker.measure(1, 1)
+                seconds.append(1 / worker.rates.pop())
+            worker.latencies += seconds
+            worker.rates.append(calls / sum(seconds))
+
+
+def percentile(values, fraction):
+    """The `fraction` quantile of `values`, linear between order statistics."""
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def save_per_cpu(results_dir, entry):
+    """Write `entry` into `results_dir/models_<cpu>.json` under its
+    configuration, replacing that configuration's earlier run on this CPU."""
+    args = entry["args"]
+    configuration = (f"{args['backend']} {args['device']} {args['precision']} "
+                     f"batch{args['batch_size']} {args['image_size']}px")
+    if args.get("threads"):
+        configuration += f" {args['threads']}threads"
+    path = os.path.join(results_dir, f"models_{cpu_file_name()}.json")
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs[configuration] = entry
+    os.makedirs(results_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(sorted(runs.items())), f, indent=1)
+    return path
 
 
 def torchvision_available(python):
@@ -147,9 +262,15 @@ def main():
     parser.add_argument("--python", default=sys.executable, help="interpreter for ours")
     parser.add_argument("--torch_python", default=sys.executable,
                         help="interpreter with torch + torchvision")
+    parser.add_argument("--threads", type=int,
+                        help="intra-op threads of each side (default: theirs)")
+    parser.add_argument("--latency_calls", type=int, default=50,
+                        help="at batch size 1, the fewest calls timed per worker")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--results_dir",
+                        help="also keep the results in DIR/models_<cpu>.json, by configuration")
     # Worker mode (internal).
-    parser.add_argument("--worker", choices=["ours", "torchvision"])
+    parser.add_argument("--worker", choices=["ours", "torchvision", SERVED, COMPILED])
     parser.add_argument("--model")
     parser.add_argument("--mode")
     args = parser.parse_args()
@@ -160,31 +281,60 @@ def main():
     models = args.models.split(",")
     modes = args.modes.split(",")
     implementations = [("ours", args.python)]
-    if torchvision_available(args.torch_python):
+    with_torchvision = torchvision_available(args.torch_python)
+    if with_torchvision:
         implementations.append(("torchvision", args.torch_python))
     else:
         print(f"torchvision is not importable by {args.torch_python}: measuring ours only")
 
     results = {}
     for mode in modes:
+        variants = list(implementations)
+        if latency_mode(args) and mode == "inference":
+            if args.precision != "float16":  # SavedModels are float32 or bfloat16
+                variants.append((SERVED, args.python))
+            if with_torchvision:
+                variants.append((COMPILED, args.torch_python))
         # One mode at a time keeps at most four models in memory.
-        workers = [start_worker(impl, python, model, mode, args)
-                   for impl, python in implementations for model in models]
-        measure_in_rounds(workers, args)
+        workers = []
+        for impl, python in variants:
+            for model in models:
+                try:
+                    workers.append(start_worker(impl, python, model, mode, args))
+                except RuntimeError as error:
+                    if impl != COMPILED:
+                        raise
+                    print(f"{error}: torch.compile failed here, measuring torchvision eager only")
+        if latency_mode(args):
+            measure_latencies(workers, args)
+        else:
+            measure_in_rounds(workers, args)
         for worker in workers:
             worker.close()
             results[worker.key] = dict(median=statistics.median(worker.rates),
                                        rates=worker.rates, version=worker.version)
+            if latency_mode(args):
+                results[worker.key].update(
+                    calls=len(worker.latencies),
+                    p50_ms=1000 * percentile(worker.latencies, 0.5),
+                    p99_ms=1000 * percentile(worker.latencies, 0.99))
 
-    print(f"\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, {args.precision}, "
-          f"backend {args.backend}, device {args.device}, median of {args.repeats} rounds "
-          f"of {args.steps} batches")
-    print(f"{'implementation':<15}{'model':<18}{'mode':<11}{'img/s':>8}   rounds")
+    threads = f", {args.threads} threads" if args.threads else ""
+    print(f"\nbatch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"{args.precision}{threads}, backend {args.backend}, device {args.device}, "
+          f"median of {args.repeats} rounds of {args.steps} batches")
+    print(f"{'implementation':<22}{'model':<18}{'mode':<11}{'img/s':>8}   rounds")
     for (impl, model, mode), r in results.items():
         rounds = " ".join(f"{rate:.2f}" for rate in r["rates"])
-        print(f"{impl:<15}{model:<18}{mode:<11}{r['median']:>8.2f}   {rounds}")
-    for impl, _ in implementations:
-        print(f"{impl}: {results[(impl, models[0], modes[0])]['version']}")
+        print(f"{impl:<22}{model:<18}{mode:<11}{r['median']:>8.2f}   {rounds}")
+    if latency_mode(args):
+        print("\nlatency, each call timed alone: p50 and p99 in ms")
+        for (impl, model, mode), r in results.items():
+            print(f"{impl:<22}{model:<18}{mode:<11}p50 {r['p50_ms']:>8.1f}   "
+                  f"p99 {r['p99_ms']:>8.1f}   ({r['calls']} calls)")
+    for (impl, model, mode), r in results.items():
+        if model == models[0] and mode == modes[0]:
+            print(f"{impl}: {r['version']}")
     # Each ratio is the median over rounds of the ratio within the round: the
     # two workers of a round ran seconds apart, so the minutes-long drifts in
     # this machine's speed cancel. The ratio of the medians is printed beside it.
@@ -194,9 +344,15 @@ def main():
         ours = results.get(("ours", "resnext50_32x4d", mode))
         theirs = results.get(("torchvision", "resnext50_32x4d", mode))
         resnet = results.get(("ours", "resnet50", mode))
+        served = results.get((SERVED, "resnext50_32x4d", mode))
+        compiled = results.get((COMPILED, "resnext50_32x4d", mode))
         pairs = {}
         if ours and theirs:
             pairs[f"{mode}: ours / torchvision (ResNeXt-50)"] = (ours, theirs)
+        if served and ours:
+            pairs[f"{mode}: served / predict_on_batch (ResNeXt-50)"] = (served, ours)
+        if served and compiled:
+            pairs[f"{mode}: served / torchvision compiled (ResNeXt-50)"] = (served, compiled)
         if ours and resnet:
             # Time per batch of ResNeXt over ResNet = inverse ratio of rates.
             pairs[f"{mode}: cost of cardinality (ResNeXt-50 / ResNet-50 time)"] = (resnet, ours)
@@ -207,10 +363,16 @@ def main():
                                  of_medians=numerator["median"] / denominator["median"])
             print(f"{label}: {ratios[label]['paired']:.2f}x ({quartiles[0]:.2f}-"
                   f"{quartiles[2]:.2f}) | {ratios[label]['of_medians']:.2f}x")
+    saved = {"results": {"|".join(k): v for k, v in results.items()},
+             "ratios": ratios, "args": vars(args)}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": {"|".join(k): v for k, v in results.items()},
-                       "ratios": ratios, "args": vars(args)}, f, indent=1)
+            json.dump(saved, f, indent=1)
+    if args.results_dir:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        saved.update(cpu=cpu_description(), date=now.isoformat(timespec="seconds"),
+                     command=shlex.join(["python", *sys.argv]))
+        print(f"kept in {save_per_cpu(args.results_dir, saved)}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,16 @@ the other images are classified as usual. An empty batch, or
 with InvalidArgumentError. The SavedModel also records its eval transform:
 `eval_image_size`, `eval_resize_size`, `eval_interpolation`, `eval_mean`,
 `eval_std`, `eval_transform` (its config as JSON), `preprocessing`,
-`max_pixels` and `class_names` are variables of the loaded object, and a
-third signature, `metadata`, returns them.
+`max_pixels`, `class_names` and `dtype` are variables of the loaded object,
+and a third signature, `metadata`, returns them.
+
+`dtype="bfloat16"` (the default for a model built under Keras'
+`mixed_bfloat16` policy) exports a bfloat16 serving graph: the signatures
+still take float32 images and return float32 probabilities, the weights are
+stored in float32, and the layers compute in bfloat16 as that policy has them
+(batch norm statistics in float32), with the classifier and its softmax in
+float32. Its grouped convolutions run on TensorFlow's own kernel, which takes
+bfloat16 with oneDNN on and off.
 
 Serving is single-crop: a ten-crop view (`pipelines.build_dataset(...,
 eval_view="ten_crop")`) costs ten forward passes per request for a few
@@ -55,6 +63,9 @@ _VERSION_PATTERN = re.compile(r"^[0-9]+$")
 # 64 megapixels (8000x8000) holds every camera photo in common use; decoded,
 # it is 192 MB of uint8, so one request cannot take the server down.
 DEFAULT_MAX_PIXELS = 64_000_000
+# The serving dtype -> the Keras policy its model is rebuilt under.
+SERVING_DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+CLASSIFIER_LAYER = "predictions"
 
 
 def default_class_names(num_classes):
@@ -75,7 +86,7 @@ def next_version(base_dir):
 
 def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
                        image_size=None, resize_size=None, max_pixels=DEFAULT_MAX_PIXELS,
-                       transform=None):
+                       transform=None, dtype=None):
     """Write `model` as a TF Serving SavedModel into `base_dir/<version>`.
 
     Args:
@@ -96,12 +107,17 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         transform: the `keras_resnext.transforms.EvalTransform` (or its
             dict) to serve with; default the model's
             (`keras_resnext.transforms.model_eval_transform`).
+        dtype: "float32" or "bfloat16", the dtype the serving graph computes
+            in; default "bfloat16" for a model whose dtype policy computes in
+            bfloat16 (`mixed_bfloat16`), else "float32". Inputs and outputs
+            are float32 either way.
 
     The version is written to a temporary folder in `base_dir` and renamed
     into place, so TF Serving never sees half a model. Returns the path.
     """
     if not getattr(model, "include_top", True):
         raise ValueError("Export needs a classifier: build the model with include_top=True.")
+    dtype = serving_dtype(model, dtype)
     num_classes = int(model.outputs[0].shape[-1])
     class_names = list(class_names) if class_names is not None else default_class_names(num_classes)
     if len(class_names) != num_classes:
@@ -125,9 +141,9 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
         raise FileExistsError(f"SavedModel version {final_path} already exists.")
     os.makedirs(base_dir, exist_ok=True)
 
-    module = ServingModule(_float32_copy(model), class_names, transform, top_k,
+    module = ServingModule(_serving_copy(model, dtype), class_names, transform, top_k,
                            outputs_probabilities=outputs_probabilities(model),
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, dtype=dtype)
     signatures = {
         SERVING_SIGNATURE: module.serve_image_bytes.get_concrete_function(),
         PREPROCESSED_SIGNATURE: module.serve_images.get_concrete_function(),
@@ -148,24 +164,51 @@ def export_saved_model(model, base_dir, version=None, top_k=5, class_names=None,
     return final_path
 
 
-def _float32_copy(model):
-    """A float32 copy of `model` outside any distribution strategy, so the
-    SavedModel holds plain variables and runs anywhere."""
+def serving_dtype(model, dtype=None):
+    """The dtype `export_saved_model` serves `model` in: `dtype`, checked,
+    or, when None, bfloat16 for a model that computes in it, else float32
+    (a float16 model is served in float32, as before this option)."""
+    if dtype is None:
+        compute_dtype = getattr(getattr(model, "dtype_policy", None), "compute_dtype", None)
+        return "bfloat16" if compute_dtype == "bfloat16" else "float32"
+    if dtype not in SERVING_DTYPE_POLICIES:
+        raise ValueError(f"export_saved_model's dtype must be one of "
+                         f"{', '.join(map(repr, SERVING_DTYPE_POLICIES))}; got {dtype!r}.")
+    return dtype
+
+
+def _serving_copy(model, dtype):
+    """A copy of `model` computing in `dtype` (float32 variables either way),
+    outside any distribution strategy, so the SavedModel holds plain variables
+    and runs anywhere."""
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
+    keras.config.set_dtype_policy(SERVING_DTYPE_POLICIES[dtype])
     try:
         copy = model.__class__.from_config(model.get_config())
     finally:
         keras.config.set_dtype_policy(previous)
     copy.set_weights(model.get_weights())
+    if dtype != "float32":
+        _classifier_in_float32(copy)
     return copy
+
+
+def _classifier_in_float32(model):
+    """The classifier (and its softmax) of a reduced-precision copy computes in
+    float32, as Keras' mixed-precision guide has it: a bfloat16 softmax keeps
+    three significant digits of each probability."""
+    try:
+        classifier = model.get_layer(CLASSIFIER_LAYER)
+    except ValueError:  # another head: it keeps the model's policy
+        return
+    classifier.dtype_policy = keras.DTypePolicy("float32")
 
 
 class ServingModule(tf.Module):
     """The exported object: the model, its eval transform and class names."""
 
     def __init__(self, model, class_names, transform, top_k,
-                 outputs_probabilities, max_pixels=DEFAULT_MAX_PIXELS):
+                 outputs_probabilities, max_pixels=DEFAULT_MAX_PIXELS, dtype="float32"):
         super().__init__(name="keras_resnext_serving")
         self.model = model
         self.top_k = top_k
@@ -188,6 +231,7 @@ class ServingModule(tf.Module):
                                       name="max_pixels")
         self.class_names = tf.Variable(class_names, dtype=tf.string, trainable=False,
                                        name="class_names")
+        self.dtype = tf.Variable(dtype, dtype=tf.string, trainable=False, name="dtype")
         self._transform = transform
         self._image_size = transform.image_size
         self._max_pixels = max_pixels
@@ -291,6 +335,7 @@ class ServingModule(tf.Module):
             "preprocessing": tf.identity(self.preprocessing),
             "max_pixels": tf.identity(self.max_pixels),
             "class_names": tf.identity(self.class_names),
+            "dtype": tf.identity(self.dtype),
         }
 
 

@@ -55,3 +55,60 @@ def test_models_benchmark_reports_paired_ratios(tmp_path):
     assert line, run.stdout
     expected = [ratio["paired"], ratio["quartiles"][0], ratio["quartiles"][2], ratio["of_medians"]]
     assert [float(value) for value in line.groups()] == pytest.approx(expected, abs=PRINTED)
+
+
+@pytest.fixture
+def models_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "benchmarks"))
+    import models
+    return models
+
+
+def test_latency_percentiles_interpolate_between_calls(models_benchmark):
+    calls = [0.010 * (i + 1) for i in range(100)][::-1]
+    assert models_benchmark.percentile(calls, 0.5) == pytest.approx(0.505)
+    assert models_benchmark.percentile(calls, 0.99) == pytest.approx(0.9901)
+    assert models_benchmark.percentile([0.2], 0.99) == 0.2
+
+
+def test_results_keep_one_file_per_cpu_and_one_entry_per_configuration(models_benchmark,
+                                                                      tmp_path):
+    def entry(precision, batch_size, figure):
+        return {"args": dict(backend="tensorflow", device="cpu", precision=precision,
+                             batch_size=batch_size, image_size=224), "figure": figure}
+
+    first = models_benchmark.save_per_cpu(str(tmp_path), entry("float32", 1, 1.0))
+    models_benchmark.save_per_cpu(str(tmp_path), entry("bfloat16", 1, 2.0))
+    again = models_benchmark.save_per_cpu(str(tmp_path), entry("float32", 1, 3.0))
+    assert first == again and os.listdir(tmp_path) == [os.path.basename(first)]
+    assert os.path.basename(first).startswith("models_") and " " not in first
+    runs = json.loads(open(first).read())
+    assert {key: run["figure"] for key, run in runs.items()} == {
+        "tensorflow cpu bfloat16 batch1 224px": 2.0, "tensorflow cpu float32 batch1 224px": 3.0}
+
+
+@pytest.mark.slow
+def test_batch_size_1_reports_latency_percentiles_and_the_served_model(tmp_path):
+    result_path = tmp_path / "run.json"
+    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "models.py"),
+               "--modes", "inference", "--models", "resnext50_32x4d", "--batch_size", "1",
+               "--image_size", "32", "--repeats", "2", "--steps", "1", "--latency_calls", "4",
+               "--warmup", "1", "--settle", "0",
+               "--torch_python", os.path.join(str(tmp_path), "no-such-python"),
+               "--json", str(result_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = json.loads(result_path.read_text())
+    assert sorted(saved["results"]) == ["ours_served|resnext50_32x4d|inference",
+                                        "ours|resnext50_32x4d|inference"]
+    for key, result in saved["results"].items():
+        # 4 calls over 2 rounds: each round's rate is its 2 calls' images/s.
+        assert result["calls"] == 4 and len(result["rates"]) == 2, key
+        assert 0 < result["p50_ms"] <= result["p99_ms"], key
+        implementation, model, mode = key.split("|")
+        row = re.search(rf"^{implementation} +{model} +{mode} +p50 +(\S+) +p99 +(\S+)",
+                        run.stdout, re.M)
+        assert row, run.stdout
+        assert [float(v) for v in row.groups()] == pytest.approx(
+            [result["p50_ms"], result["p99_ms"]], abs=0.051)
+    assert list(saved["ratios"]) == ["inference: served / predict_on_batch (ResNeXt-50)"]

@@ -66,7 +66,7 @@ for outputs in (result["served"], result["preprocessed"]):
     outputs["class_names"] = decode(outputs["class_names"])
     outputs["error"] = [s.decode() for s in outputs["error"]]
 result["metadata"]["class_names"] = [s.decode() for s in result["metadata"]["class_names"]]
-for key in ("preprocessing", "interpolation", "eval_transform"):
+for key in ("preprocessing", "interpolation", "eval_transform", "dtype"):
     result["metadata"][key] = result["metadata"][key].decode()
 print("RESULT" + json.dumps(result))
 """
@@ -107,7 +107,7 @@ def test_served_probabilities_match_the_keras_model_in_a_fresh_process(tmp_path)
     assert result["metadata"] == dict(image_size=32, resize_size=36, class_names=CLASS_NAMES,
                                       preprocessing="keras_resnext.preprocess_for_eval",
                                       max_pixels=export.DEFAULT_MAX_PIXELS,
-                                      interpolation="bilinear")
+                                      interpolation="bilinear", dtype="float32")
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         graph = f.read()
     assert b"_XlaMustCompile" not in graph
