@@ -18,6 +18,12 @@ through `build_dataset`'s options and, for torchvision_v2, torchvision's own:
 
 Repeated augmentation only reorders keys, so it is left out.
 
+And the floor (issue 14): read + `decode_and_crop_jpeg` of a random window
+drawn as the paper's crop is (8-100% of the area, aspect 3/4-4/3) + one
+bilinear resize to 224, batched, nothing else; the paper view's share of it
+says what our bookkeeping, bicubic antialiased resize, flip and
+normalisation cost.
+
 torchvision runs in this interpreter when it is importable, otherwise in
 --torch_python (e.g. a separate PyTorch virtualenv). The script prints both
 figures (median of --repeats alternating runs) and their ratio, as images/s
@@ -134,6 +140,30 @@ def tf_data_dataset(root, batch_size, num_batches, view="paper"):
         f"folder:{root}", "train", batch_size=batch_size, training=True,
         **RECIPE_VIEWS[view],
     ).repeat().take(num_batches)
+
+
+def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0):
+    """The least a tf.data training input can do with these files."""
+    import glob
+
+    import tensorflow as tf
+
+    files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))
+
+    def load(path):
+        data = tf.io.read_file(path)
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            tf.io.extract_jpeg_shape(data), bounding_boxes=tf.zeros([1, 0, 4]),
+            area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
+            use_image_if_no_bounding_boxes=True)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+        return tf.image.resize(image, [image_size, image_size])
+
+    return (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed).repeat()
+            .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+            .take(num_batches))
 
 
 class MixOrCutCollate:
@@ -262,10 +292,15 @@ def main(argv=None):
                                   args.warmup_batches + args.timed_batches, view)
             for view in RECIPE_VIEWS
         }
+        floor = floor_dataset(args.data_dir, args.batch_size,
+                              args.warmup_batches + args.timed_batches)
         ours = {view: [] for view in RECIPE_VIEWS}
         theirs = {view: [] for view in TORCHVISION_VIEWS}
+        floors = []
         # Alternate them all, so that a busy spell on the machine hits each.
         for _ in range(args.repeats):
+            floors.append(measure(floor, args.batch_size, args.warmup_batches,
+                                  args.timed_batches))
             for view in TORCHVISION_VIEWS:
                 theirs[view].append(measure_torchvision(args, view))
             for view, dataset in datasets.items():
@@ -275,10 +310,15 @@ def main(argv=None):
             (f"torchvision {view}", theirs[view]) for view in theirs]:
         if runs[0] is not None:
             print(f"{name} runs: " + ", ".join(f"{rate:.0f}/s {cpu:.1f}ms" for rate, cpu in runs))
+    print("floor runs: " + ", ".join(f"{rate:.0f}/s {cpu:.1f}ms" for rate, cpu in floors))
     print_recipe_views(ours, theirs, args.torch_workers)
     tf_rate, tf_cpu = np.median(ours["paper"], axis=0)
+    floor_rate, floor_cpu = np.median(floors, axis=0)
+    print(f"floor (read + decode_and_crop_jpeg + bilinear resize): {floor_rate:7.1f} images/s, "
+          f"{floor_cpu:5.1f} CPU ms/image")
     print(f"tf.data (pipelines.build_dataset): {tf_rate:7.1f} images/s, "
-          f"{tf_cpu:5.1f} CPU ms/image")
+          f"{tf_cpu:5.1f} CPU ms/image; {tf_rate / floor_rate:.0%} of the floor's images/s "
+          f"(paired by round: {np.median([o[0] / f[0] for o, f in zip(ours['paper'], floors)]):.0%})")
     if theirs["paper"][0] is None:
         print("torchvision: not importable here and no --torch_python given")
         return
