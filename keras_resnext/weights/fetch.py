@@ -236,31 +236,34 @@ def _check_contents(path, target, url):
 def check_hash_prefix(path, file_name, url):
     """Raise `HashMismatch` unless `path`'s sha256 starts with the prefix in
     `file_name` (a file name without one passes)."""
-    match = _HASH_PREFIX.search(file_name)
-    if match is None:
-        return
-    digest = sha256_of(path)
-    if not digest.startswith(match[1]):
+    mismatch = _hash_prefix_mismatch(path, file_name)
+    if mismatch is not None:
         raise HashMismatch(
-            f"Refused {file_name} from {url}: its sha256 is {digest}, but its name says it "
-            f"starts with {match[1]}; the download was deleted and nothing was loaded."
+            f"Refused {file_name} from {url}: its sha256 is {mismatch[1]}, but its name says "
+            f"it starts with {mismatch[0]}; the download was deleted and nothing was loaded."
         )
 
 
 def check_cached_hash_prefix(path, url):
     """Raise `HashMismatch` unless the cached (or hand-placed) file at `path`
     has the sha256 prefix its name carries; the file is left where it is."""
-    file_name = os.path.basename(path)
-    match = _HASH_PREFIX.search(file_name)
-    if match is None:
-        return
-    digest = sha256_of(path)
-    if not digest.startswith(match[1]):
+    mismatch = _hash_prefix_mismatch(path, os.path.basename(path))
+    if mismatch is not None:
         raise HashMismatch(
-            f"Refused {path}: its sha256 is {digest}, but its name says it starts with "
-            f"{match[1]}; replace it with the file from {url}, or delete it to download it "
+            f"Refused {path}: its sha256 is {mismatch[1]}, but its name says it starts with "
+            f"{mismatch[0]}; replace it with the file from {url}, or delete it to download it "
             "again. Nothing was loaded."
         )
+
+
+def _hash_prefix_mismatch(path, file_name):
+    """`(prefix, sha256)` where `file_name` carries a hash prefix that `path`'s
+    sha256 doesn't start with; None otherwise (no prefix, or a match)."""
+    match = _HASH_PREFIX.search(file_name)
+    if match is None:
+        return None
+    digest = sha256_of(path)
+    return None if digest.startswith(match[1]) else (match[1], digest)
 
 
 def sha256_of(path):
