@@ -1,6 +1,8 @@
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,6 +30,25 @@ def run_python(code, env=None, timeout=600, args=()):
         [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
         timeout=timeout, cwd=REPO_ROOT,
     )
+
+
+def run_until_line(command, env, line, timeout=300):
+    """Start `command` (stdout and stderr merged), read its output until a line
+    equal to `line` (stripped) or `timeout` seconds, then SIGKILL it, as a
+    crash would. Returns the lines read."""
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.monotonic() + timeout
+    try:
+        for output in process.stdout:
+            seen.append(output)
+            if output.strip() == line or time.monotonic() > deadline:
+                break
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return seen
 
 
 @pytest.fixture

@@ -5,15 +5,13 @@ SavedModel; and its one-line errors."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import keras_resnext as kr
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_until_line
 from detection_data import import_keras_hub, write_coco_folder
 
 import_keras_hub()
@@ -59,18 +57,7 @@ def test_trains_resumes_after_sigkill_and_exports(tmp_path):
         f"--export_dir={export_dir}"]
     steps_per_epoch = 8 // 4
 
-    process = subprocess.Popen(command, env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    seen = []
-    deadline = time.monotonic() + 300
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if line.strip() == "Epoch 2/3" or time.monotonic() > deadline:
-                break
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    seen = run_until_line(command, _env(), "Epoch 2/3")
     assert "Epoch 2/3\n" in seen, "".join(seen)[-3000:]
     assert not (model_dir / "metrics.json").exists()
 

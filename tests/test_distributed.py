@@ -8,16 +8,14 @@ set before TensorFlow starts.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, run_python
+from conftest import REPO_ROOT, run_python, run_until_line
 from image_folder import write_image_folder
 
 pytestmark = pytest.mark.slow
@@ -222,18 +220,7 @@ def test_cli_killed_mid_epoch_resumes_at_that_epoch(tmp_path):
         f"--model_dir={model_dir}"]
     steps_per_epoch = 3 * 8 // 4
 
-    process = subprocess.Popen(command, env=_cli_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    seen = []
-    deadline = time.monotonic() + 300
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if line.strip() == "Epoch 2/3" or time.monotonic() > deadline:
-                break
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    seen = run_until_line(command, _cli_env(), "Epoch 2/3")
     assert "Epoch 2/3\n" in seen, "".join(seen)[-3000:]
     assert not (model_dir / "metrics.json").exists()
 

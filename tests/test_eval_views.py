@@ -4,16 +4,15 @@ with probabilities averaged, timm's crop_pct, and Table 5's 320x320 single crop.
 import io
 import os
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-import keras_resnext as kr
 import pipelines
 from keras_resnext import training
 from keras_resnext.kernels.images import preprocess_for_eval, resize_shorter_side
 from keras_resnext.transforms import EvalTransform
+from test_eval_transform import classifier_model
 
 import tensorflow as tf  # noqa: E402  After keras_resnext, which sets TF's options.
 
@@ -33,18 +32,8 @@ def normalised(pixels, transform):
 
 
 def tiny_model():
-    keras.utils.set_random_seed(0)
-    model = kr.ResNeXt29(depth=11, cardinality=2, width=4, classes=CLASSES,
-                         input_shape=(16, 16, 3), classifier_activation=None)
-    rng = np.random.default_rng(0)
-    for weight in model.non_trainable_weights:  # non-trivial BN statistics
-        values = (rng.uniform(0.5, 1.5, weight.shape) if "variance" in weight.path
-                  else rng.normal(0, 0.1, weight.shape))
-        weight.assign(values.astype("float32"))
-    # A classifier that tells the crops apart (the builders start it at 0).
-    classifier = model.get_layer("predictions")
-    classifier.kernel.assign(rng.normal(0, 0.3, classifier.kernel.shape).astype("float32"))
-    return model
+    # Non-trivial BN statistics and a classifier that tells the crops apart.
+    return classifier_model()
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ float32 images in and float32 probabilities out, served by a bare TensorFlow
 with oneDNN on and off (TensorFlow's own grouped convolution takes bfloat16
 either way; the AVX2 op is float32 only)."""
 
-import json
 
 import keras
 import numpy as np
 import pytest
 
 import keras_resnext as kr
+from test_portable_graphs import _result
 
 tf = pytest.importorskip("tensorflow")
 export = pytest.importorskip("keras_resnext.export")
@@ -35,13 +35,6 @@ print("RESULT", json.dumps({
                                   for node in ops),
 }))
 """
-
-
-def _result(completed):
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    line = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    assert line, completed.stdout[-2000:]
-    return json.loads(line[-1][len("RESULT "):])
 
 
 def _model():

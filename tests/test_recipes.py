@@ -7,7 +7,6 @@ default (test_training.py, test_train_options.py)."""
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import types
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_resnext as kr
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_until_line
 from image_folder import write_image_folder
 from test_training import colour_images, config, data  # noqa: F401 (data: a fixture)
 
@@ -537,17 +536,7 @@ def test_each_recipe_trains_from_the_cli_and_resumes_after_sigkill(tmp_path, rec
                "--warmup_epochs=1", "--progress_seconds=3600", f"--model_dir={model_dir}"]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     env.pop("TF_CONFIG", None)
-    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    seen = []
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if line.strip() == "Epoch 2/2":
-                break
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    seen = run_until_line(command, env, "Epoch 2/2")
     assert "Epoch 2/2\n" in seen, "".join(seen)[-4000:]
     differences = [line for line in seen if line.startswith(f"recipe {recipe}: ")]
     assert any(line.startswith(f"recipe {recipe}: batch_size ") and
