@@ -111,16 +111,13 @@ def _build(stage_depths, stem, default, weights, arguments):
     return model
 
 
-def _imagenet(depth, cardinality, width, include_top, weights, input_tensor, input_shape,
-              pooling, classes, classifier_activation, block_form, name, options):
-    arguments = dict(
-        cardinality=cardinality, width=width, include_top=include_top,
-        input_tensor=input_tensor, input_shape=input_shape, pooling=pooling,
-        classes=classes, classifier_activation=classifier_activation,
-        block_form=block_form, name=name, **options,
-    )
+def _imagenet(depth, arguments):
+    """Build the ImageNet ResNeXt of `depth` from its builder's arguments."""
+    arguments = dict(arguments)
+    weights = arguments.pop("weights")
     return _build(IMAGENET_STAGE_DEPTHS[depth], "imagenet",
-                  default_name(depth, cardinality, width), weights, arguments)
+                  default_name(depth, arguments["cardinality"], arguments["width"]), weights,
+                  arguments)
 
 
 def ResNeXt50(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
@@ -131,13 +128,7 @@ def ResNeXt50(cardinality=32, width=4, include_top=True, weights=None, input_ten
               eval_transform=None):
     """ResNeXt-50 (C x d), Table 1. `cardinality=1, width=64` is ResNet-50. Backbone and
     regularisation options as in `ResNeXt`."""
-    options = dict(replace_stride_with_dilation=replace_stride_with_dilation,
-                   freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
-                   drop_path_rate=drop_path_rate, zero_init_last=zero_init_last,
-                   eval_transform=eval_transform)
-    return _imagenet(50, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name,
-                     options)
+    return _imagenet(50, locals())
 
 
 def ResNeXt101(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
@@ -148,13 +139,7 @@ def ResNeXt101(cardinality=32, width=4, include_top=True, weights=None, input_te
                eval_transform=None):
     """ResNeXt-101 (C x d). `cardinality=1, width=64` is ResNet-101. Backbone and
     regularisation options as in `ResNeXt`."""
-    options = dict(replace_stride_with_dilation=replace_stride_with_dilation,
-                   freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
-                   drop_path_rate=drop_path_rate, zero_init_last=zero_init_last,
-                   eval_transform=eval_transform)
-    return _imagenet(101, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name,
-                     options)
+    return _imagenet(101, locals())
 
 
 def ResNeXt152(cardinality=32, width=4, include_top=True, weights=None, input_tensor=None,
@@ -165,13 +150,7 @@ def ResNeXt152(cardinality=32, width=4, include_top=True, weights=None, input_te
                eval_transform=None):
     """ResNeXt-152 (C x d). `cardinality=1, width=64` is ResNet-152. Backbone and
     regularisation options as in `ResNeXt`."""
-    options = dict(replace_stride_with_dilation=replace_stride_with_dilation,
-                   freeze_batch_norm=freeze_batch_norm, trainable_stages=trainable_stages,
-                   drop_path_rate=drop_path_rate, zero_init_last=zero_init_last,
-                   eval_transform=eval_transform)
-    return _imagenet(152, cardinality, width, include_top, weights, input_tensor,
-                     input_shape, pooling, classes, classifier_activation, block_form, name,
-                     options)
+    return _imagenet(152, locals())
 
 
 def ResNeXt29(cardinality=8, width=64, classes=10, depth=29, include_top=True, weights=None,
