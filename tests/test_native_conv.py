@@ -222,6 +222,7 @@ def test_random_shapes_in_sequence_match_tensorflow(monkeypatch):
     monkeypatch.setattr(tf_ops, "_avx2_conv",
                         lambda *args, **kwargs: calls.append(1) or avx2_conv(*args, **kwargs))
     worst = 0.0
+    space_to_batch = not tf_ops.native_grouped_gradient_available("float32")
     for index, case in enumerate(sweep_cases(40, seed=11)):
         channels = case["group_width"] * case["groups"]
         x = random([case["batch"], case["height"], case["width"], channels], 100 + index)
@@ -257,7 +258,10 @@ def test_random_shapes_in_sequence_match_tensorflow(monkeypatch):
             error = float(np.max(np.abs(got - expected), initial=0.0))
             worst = max(worst, error)
             assert error < 1e-4, (case, error)
-        assert len(calls) - before == (dilation == 1), case
+        # Dilated: TensorFlow's kernel, except where it has no dilated backprop
+        # (no oneDNN): there an undilated conv over the space-to-batch input,
+        # which the op takes.
+        assert len(calls) - before == (dilation == 1 or space_to_batch), case
     print(f"worst error {worst:.2e}")
 
 
