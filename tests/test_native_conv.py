@@ -6,6 +6,7 @@ import os
 import shutil
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -110,7 +111,10 @@ def test_gradients_match_tensorflows(group_width, groups, stride, pads, height, 
 
 
 def small_model():
-    # Groups of 4, 8 and 16 channels, stride 1 then 2 and 2.
+    # Groups of 4, 8 and 16 channels, stride 1 then 2 and 2. Seeded: with
+    # fresh random kernels now and then a ReLU input within float error of 0
+    # flips between the two kernels and moves the gradients ~1% (CI runs).
+    keras.utils.set_random_seed(0)
     model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=5, input_shape=(16, 16, 3))
     rng = np.random.default_rng(0)
     for layer in model.layers:
