@@ -1,9 +1,13 @@
 """What every benchmark prints first: the CPU it ran on, since figures differ
 between CPU kinds (AVX2-only AMD, AVX-512/AMX Intel) more than between runs."""
 
+import datetime
+import json
 import os
 import platform
 import re
+import shlex
+import sys
 
 
 def _cpuinfo():
@@ -45,3 +49,22 @@ def cpu_file_name():
 
 def print_cpu():
     print(f"CPU: {cpu_description()}, {os.cpu_count()} cores", flush=True)
+
+
+def keep_per_cpu(results_dir, benchmark, configuration, entry):
+    """Write `entry`, stamped with the CPU, the date and the command, into
+    `results_dir/<benchmark>_<cpu>.json` under `configuration`, replacing that
+    configuration's earlier run on this CPU model. Returns the file's path."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    entry = dict(entry, cpu=cpu_description(), date=now.isoformat(timespec="seconds"),
+                 command=shlex.join(["python", *sys.argv]))
+    path = os.path.join(results_dir, f"{benchmark}_{cpu_file_name()}.json")
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs[configuration] = entry
+    os.makedirs(results_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(sorted(runs.items())), f, indent=1)
+    return path

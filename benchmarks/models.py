@@ -36,11 +36,9 @@ GPU with Keras-JAX, mixed precision, training only:
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -49,7 +47,7 @@ import time
 
 from timed_workers import (Worker, add_round_arguments, answer_runs, measure_in_rounds,
                            repo_environment)
-from machine import cpu_description, cpu_file_name, print_cpu
+from machine import keep_per_cpu, print_cpu
 
 MODELS = ("resnext50_32x4d", "resnet50")
 TORCHVISION_NAMES = {"resnext50_32x4d": "resnext50_32x4d", "resnet50": "resnet50"}
@@ -221,24 +219,13 @@ def percentile(values, fraction):
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def save_per_cpu(results_dir, entry):
-    """Write `entry` into `results_dir/models_<cpu>.json` under its
-    configuration, replacing that configuration's earlier run on this CPU."""
-    args = entry["args"]
-    configuration = (f"{args['backend']} {args['device']} {args['precision']} "
-                     f"batch{args['batch_size']} {args['image_size']}px")
+def configuration(args):
+    """The key of a run in its CPU's results file: what changes the figures."""
+    key = (f"{args['backend']} {args['device']} {args['precision']} "
+           f"batch{args['batch_size']} {args['image_size']}px")
     if args.get("threads"):
-        configuration += f" {args['threads']}threads"
-    path = os.path.join(results_dir, f"models_{cpu_file_name()}.json")
-    runs = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            runs = json.load(f)
-    runs[configuration] = entry
-    os.makedirs(results_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(sorted(runs.items())), f, indent=1)
-    return path
+        key += f" {args['threads']}threads"
+    return key
 
 
 def torchvision_available(python):
@@ -369,10 +356,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump(saved, f, indent=1)
     if args.results_dir:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        saved.update(cpu=cpu_description(), date=now.isoformat(timespec="seconds"),
-                     command=shlex.join(["python", *sys.argv]))
-        print(f"kept in {save_per_cpu(args.results_dir, saved)}")
+        path = keep_per_cpu(args.results_dir, "models", configuration(saved["args"]), saved)
+        print(f"kept in {path}")
 
 
 if __name__ == "__main__":

@@ -73,18 +73,24 @@ def test_latency_percentiles_interpolate_between_calls(models_benchmark):
 
 def test_results_keep_one_file_per_cpu_and_one_entry_per_configuration(models_benchmark,
                                                                       tmp_path):
-    def entry(precision, batch_size, figure):
-        return {"args": dict(backend="tensorflow", device="cpu", precision=precision,
-                             batch_size=batch_size, image_size=224), "figure": figure}
+    import machine
 
-    first = models_benchmark.save_per_cpu(str(tmp_path), entry("float32", 1, 1.0))
-    models_benchmark.save_per_cpu(str(tmp_path), entry("bfloat16", 1, 2.0))
-    again = models_benchmark.save_per_cpu(str(tmp_path), entry("float32", 1, 3.0))
+    def keep(precision, batch_size, figure):
+        entry = {"args": dict(backend="tensorflow", device="cpu", precision=precision,
+                              batch_size=batch_size, image_size=224), "figure": figure}
+        return machine.keep_per_cpu(str(tmp_path), "models",
+                                    models_benchmark.configuration(entry["args"]), entry)
+
+    first = keep("float32", 1, 1.0)
+    keep("bfloat16", 1, 2.0)
+    again = keep("float32", 1, 3.0)
     assert first == again and os.listdir(tmp_path) == [os.path.basename(first)]
     assert os.path.basename(first).startswith("models_") and " " not in first
     runs = json.loads(open(first).read())
     assert {key: run["figure"] for key, run in runs.items()} == {
         "tensorflow cpu bfloat16 batch1 224px": 2.0, "tensorflow cpu float32 batch1 224px": 3.0}
+    # Each entry names where and when it was measured, and how.
+    assert {"cpu", "date", "command"} <= set(runs["tensorflow cpu float32 batch1 224px"])
 
 
 @pytest.mark.slow
@@ -112,3 +118,31 @@ def test_batch_size_1_reports_latency_percentiles_and_the_served_model(tmp_path)
         assert [float(v) for v in row.groups()] == pytest.approx(
             [result["p50_ms"], result["p99_ms"]], abs=0.051)
     assert list(saved["ratios"]) == ["inference: served / predict_on_batch (ResNeXt-50)"]
+
+
+@pytest.mark.slow
+def test_serving_benchmark_pairs_each_served_model_with_predict_under_its_onednn(tmp_path):
+    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "serving.py"),
+               "--image_size", "32", "--batch_size", "2", "--repeats", "2", "--steps", "1",
+               "--warmup", "1", "--settle", "0", "--results_dir", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("CPU: ")
+    (path,) = tmp_path.iterdir()
+    assert path.name.startswith("serving_")
+    entry = json.loads(path.read_text())["resnext50_32x4d float32 batch2 32px"]
+    results = entry["results"]
+    assert sorted(results) == sorted([
+        "predict_on_batch, oneDNN on", "predict_on_batch, oneDNN off", "served, oneDNN on",
+        "served, oneDNN off", "served, oneDNN on, fusable export"])
+    assert "oneDNN off" in results["served, oneDNN off"]["version"]
+
+    def paired(served, anchor):
+        return statistics.median(a / b for a, b in zip(results[served]["rates"],
+                                                       results[anchor]["rates"]))
+
+    # Each served figure is paired with predict_on_batch under the same oneDNN setting.
+    for served, anchor in [("served, oneDNN on", "predict_on_batch, oneDNN on"),
+                           ("served, oneDNN off", "predict_on_batch, oneDNN off")]:
+        assert results[served]["paired_over_anchor"] == paired(served, anchor)
+    assert {"cpu", "date", "command"} <= set(entry)
