@@ -149,13 +149,12 @@ def test_keras_steps_fuse_batch_norm_and_relu_into_the_op_and_other_graphs_do_no
 
 
 def test_training_gradients_match_tensorflows_kernel():
-    """The op's and TensorFlow's kernels round differently (ReLU inputs here
-    differ by up to ~1e-5), and a model has ~600k ReLU inputs: in ~3% of
-    random inputs one lies within that of 0, on different sides of the kink
-    in the two traces, and its whole gradient moves with it (~1% of conv1's
-    kernel gradient, float64 siding with either kernel). Gradients are
-    compared only where the two traces' ReLU masks agree; the forward values
-    must agree everywhere."""
+    """The op's and TensorFlow's kernels round differently: ReLU inputs differ
+    by up to ~1e-5 between the two traces. For ~3% of random inputs one of the
+    model's ~600k ReLU inputs lies that close to 0 and falls on different
+    sides of the kink in the two traces (float64 sides with either), which
+    moves many gradient elements by ~1%. So gradients are compared for inputs
+    whose ReLU masks agree; the ReLU inputs themselves must agree for all."""
     model = small_model()
     relus = [layer for layer in model.layers if isinstance(layer, keras.layers.ReLU)]
     probe = keras.Model(model.inputs, [model.outputs[0]] + [layer.input for layer in relus])
