@@ -111,9 +111,9 @@ def test_gradients_match_tensorflows(group_width, groups, stride, pads, height, 
 
 
 def small_model():
-    # Groups of 4, 8 and 16 channels, stride 1 then 2 and 2. Seeded: with
-    # fresh random kernels now and then a ReLU input within float error of 0
-    # flips between the two kernels and moves the gradients ~1% (CI runs).
+    # Groups of 4, 8 and 16 channels, stride 1 then 2 and 2. Seeded, so the
+    # inputs that put a ReLU input on its kink (see
+    # test_training_gradients_match_tensorflows_kernel) stay the same.
     keras.utils.set_random_seed(0)
     model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=5, input_shape=(16, 16, 3))
     rng = np.random.default_rng(0)
@@ -149,24 +149,45 @@ def test_keras_steps_fuse_batch_norm_and_relu_into_the_op_and_other_graphs_do_no
 
 
 def test_training_gradients_match_tensorflows_kernel():
+    """The op's and TensorFlow's kernels round differently: ReLU inputs differ
+    by up to ~1e-5 between the two traces. For ~3% of random inputs one of the
+    model's ~600k ReLU inputs lies that close to 0 and falls on different
+    sides of the kink in the two traces (float64 sides with either), which
+    moves many gradient elements by ~1%. So gradients are compared for inputs
+    whose ReLU masks agree; the ReLU inputs themselves must agree for all."""
     model = small_model()
-    x, labels = random([4, 16, 16, 3], 10), tf.constant([0, 1, 2, 3])
+    relus = [layer for layer in model.layers if isinstance(layer, keras.layers.ReLU)]
+    probe = keras.Model(model.inputs, [model.outputs[0]] + [layer.input for layer in relus])
+    labels = tf.constant([0, 1, 2, 3])
 
-    def gradients(native):
+    def gradients(native, x):
         with tf.GradientTape() as tape:
-            if native:
-                with tf_ops.native_kernels():
-                    logits = model(x, training=True)
-            else:
-                logits = model(x, training=True)
+            with tf_ops.native_kernels(enabled=native):
+                logits, *relu_inputs = probe(x, training=True)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-        return tape.gradient(loss, model.trainable_variables)
+        return tape.gradient(loss, model.trainable_variables), relu_inputs
 
-    native = tf.function(lambda: gradients(True))
+    native = tf.function(lambda x: gradients(True, x))
+    reference = tf.function(lambda x: gradients(False, x))
+    shape = tf.TensorSpec([4, 16, 16, 3])
     # Three forward convs, and the stride-1 one's input gradient.
-    assert op_relu_flags(native.get_concrete_function()) == [False] * 4
-    for got, expected in zip(native(), tf.function(lambda: gradients(False))()):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert op_relu_flags(native.get_concrete_function(shape)) == [False] * 4
+    compared = 0
+    # With oneDNN on a Zen 4, input 11 puts one ReLU input across its kink.
+    seeds = (11, 12, 13, 14)
+    for seed in seeds:
+        x = random(shape.shape, seed)
+        got, got_relu_inputs = native(x)
+        expected, expected_relu_inputs = reference(x)
+        for g, e in zip(got_relu_inputs, expected_relu_inputs):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+        if any(np.any((g > 0) != (e > 0))
+               for g, e in zip(got_relu_inputs, expected_relu_inputs)):
+            continue
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+        compared += 1
+    assert compared >= 2, f"only {compared} of {len(seeds)} inputs gave both traces one ReLU mask"
 
 
 def test_switch_and_failed_build_fall_back_to_tensorflows_kernel(python_subprocess, tmp_path):
