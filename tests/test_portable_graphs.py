@@ -53,14 +53,24 @@ model.export(keras_export_dir, format="tf_saved_model", verbose=False)
 keras_exported = tf.saved_model.load(keras_export_dir)
 agree("keras_export", keras_exported.serve(x))
 # A user's own training step, last: training mode moves the BN statistics.
+# Eager calls run the AVX2 op, tf.functions TensorFlow's kernel: they round
+# differently, and a ReLU input within that of 0 may fall on different sides
+# of the kink, which moves gradients ~1% (see test_native_conv). Gradients
+# are compared where the ReLU masks agree; the ReLU inputs always.
+relus = [layer for layer in model.layers if isinstance(layer, keras.layers.ReLU)]
+probe = keras.Model(model.inputs, [model.outputs[0]] + [layer.input for layer in relus])
+
 def loss_and_gradients(images):
     with tf.GradientTape() as tape:
-        probabilities = model(images, training=True)
+        probabilities, *relu_inputs = probe(images, training=True)
         loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
-    return loss, tape.gradient(loss, model.trainable_variables)
+    return tape.gradient(loss, model.trainable_variables), relu_inputs
 
-_, eager_gradients = loss_and_gradients(tf.constant(x))
-_, graph_gradients = tf.function(loss_and_gradients)(tf.constant(x))
+eager_gradients, eager_relus = loss_and_gradients(tf.constant(x))
+graph_gradients, graph_relus = tf.function(loss_and_gradients)(tf.constant(x))
+result["relu_inputs"] = max(float(np.max(np.abs(a - b))) for a, b in zip(eager_relus, graph_relus))
+result["relu_masks_agree"] = all(np.array_equal(a.numpy() > 0, b.numpy() > 0)
+                                 for a, b in zip(eager_relus, graph_relus))
 result["gradients"] = max(float(np.max(np.abs(a - b)))
                           for a, b in zip(eager_gradients, graph_gradients))
 
@@ -132,6 +142,7 @@ def test_every_graph_runs_with_onednn_on_and_off_with_and_without_the_avx2_op(
     np.save(image_bytes_path, encoded.astype(bytes))
 
     export_dirs = []
+    gradients_compared = 0
     for onednn, native in CONFIGURATIONS:
         name = f"onednn{onednn}_native{native}"
         export_dir, keras_export_dir = str(tmp_path / name), str(tmp_path / f"{name}_keras")
@@ -147,8 +158,13 @@ def test_every_graph_runs_with_onednn_on_and_off_with_and_without_the_avx2_op(
         for graph in ("predict", "predict_on_batch", "tf_function", "keras_export"):
             assert result[graph] < 1e-5, (name, graph, result)
         assert result["evaluate_finite"], result
-        assert result["gradients"] < 1e-4, (name, result)
+        assert result["relu_inputs"] < 1e-4, (name, result)
+        if result["relu_masks_agree"]:
+            assert result["gradients"] < 1e-4, (name, result)
+            gradients_compared += 1
         export_dirs.append(os.path.join(export_dir, "1"))
+    # A flip comes with ~1% of random models, per configuration with the op.
+    assert gradients_compared >= 3, f"ReLU masks differed in {4 - gradients_compared} of 4"
 
     expected_preprocessed = model.predict_on_batch(x)
     export = pytest.importorskip("keras_resnext.export")
