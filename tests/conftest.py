@@ -13,10 +13,10 @@ from keras_resnext.kernels import avx2
 
 # Tests of the AVX2 op (its values, gradients, the graphs it goes into) need it
 # at every shape it supports, on any CPU, not only where it is the faster
-# kernel here; this process's subprocesses inherit the setting.
-# tests/test_kernel_choice.py tests the automatic choice.
-if avx2.enabled():
-    os.environ[avx2.SWITCH] = avx2.ALWAYS
+# kernel here; subprocesses inherit the setting. tests/test_kernel_choice.py
+# tests the automatic choice; KERAS_RESNEXT_NATIVE_KERNELS=1 runs every test
+# with it (and =0 without the op).
+os.environ.setdefault(avx2.SWITCH, avx2.ALWAYS)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

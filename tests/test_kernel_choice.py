@@ -18,7 +18,8 @@ from keras_resnext.kernels.avx2 import choice
 from test_native_cache import BUILDABLE, fake_compiler
 
 pytestmark = pytest.mark.skipif(not BUILDABLE, reason="no AVX2 CPU or no C++ compiler here")
-OP = tf_ops.avx2_op() if BUILDABLE else None
+if BUILDABLE:
+    tf_ops.avx2_op()  # loads the library whose SHA-256 names the decisions file
 IMAGES = np.zeros([2, 16, 16, 3], "float32")
 
 
