@@ -94,8 +94,9 @@ def per_shape(onednn, args):
     print(f"batch {args.batch_size}, float32, median of {args.repeats} rounds of "
           f"{args.steps} calls, ms per call; TensorFlow's kernel here (oneDNN "
           f"{'on' if onednn else 'off'}): {theirs}.\nchoice: the automatic decision kept "
-          f"for this CPU (timed at batch {choice.BATCH}) and its speed-up; 'timed in': "
-          "what timing one shape afresh costs (warm-up included, tracing not)")
+          f"for this CPU (timed at batch {choice.BATCH}) and its speed-up (of the fastest "
+          "calls); 'timed in': what timing one shape afresh costs (warm-up included, tracing "
+          "not)")
     print(f"{'input':>6} {'channels':>8} {'per group':>9} {'stride':>6} {'ours':>8} "
           f"{'TF':>8} {'speed-up':>8} {'choice':>7} {'its':>6} {'timed in':>8}")
     rows = []
