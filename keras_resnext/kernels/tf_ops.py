@@ -244,7 +244,9 @@ def _timed_grouped_convs(batch, height, width, channels, group_width, stride):
         tensorflows = tensorflows.get_concrete_function(x)
     finally:
         _scope.timing_tensorflow = False
-    return (lambda: _avx2_conv(x, kernel, stride, pads, folded_scale, folded_offset, relu=True),
+    op = avx2_op()
+    return (lambda: op(x, kernel, folded_scale, folded_offset, stride=stride,
+                       explicit_paddings=pads, relu=True),
             lambda: tensorflows(x))
 
 
