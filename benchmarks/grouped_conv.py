@@ -17,18 +17,14 @@ package picks on this CPU.
    paired ratios, which cancels this machine's slow drifts in speed.
 
 `--results_dir` keeps the figures in DIR/grouped_conv_<cpu>.json (see
-machine.cpu_file_name), one entry per oneDNN setting, replaced by a rerun.
+machine.keep_per_cpu), one entry per oneDNN setting, replaced by a rerun.
 
     python benchmarks/grouped_conv.py [--batch_size 8] [--pairs 40] \
         [--results_dir benchmarks/results] [--skip_model]
 """
 
 import argparse
-import datetime
-import json
 import os
-import shlex
-import sys
 import time
 
 import numpy as np
@@ -39,7 +35,7 @@ import tensorflow as tf
 
 from keras_resnext.kernels import avx2, tf_ops
 from keras_resnext.kernels.avx2 import choice
-from machine import cpu_description, cpu_file_name, print_cpu
+from machine import keep_per_cpu, print_cpu
 
 # (input size, channels, channels per group, stride) of ResNeXt-50 32x4d's grouped
 # convolutions, then of ResNeXt-101 64x4d's first stage.
@@ -62,30 +58,15 @@ def main():
     if tf_ops.avx2_op() is None:
         raise SystemExit("The AVX2 op is unavailable here (see the warning above).")
     onednn = tf_ops._onednn_enabled()
-    saved = {"cpu": cpu_description(), "onednn": onednn, "batch_size": args.batch_size,
+    saved = {"onednn": onednn, "batch_size": args.batch_size,
              "native_kernels": os.environ.get(avx2.SWITCH, "1"),
              "shapes": per_shape(onednn, args)}
     if not args.skip_model:
         saved["model"] = whole_model(args)
     if args.results_dir:
-        saved.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"), command=shlex.join(["python", *sys.argv]))
-        print(f"kept in {keep_per_cpu(args.results_dir, saved)}")
-
-
-def keep_per_cpu(results_dir, entry):
-    """Write `entry` into results_dir/grouped_conv_<cpu>.json under its oneDNN
-    setting, replacing that setting's earlier run on this CPU."""
-    path = os.path.join(results_dir, f"grouped_conv_{cpu_file_name()}.json")
-    runs = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            runs = json.load(f)
-    runs[f"onednn {'on' if entry['onednn'] else 'off'}"] = entry
-    os.makedirs(results_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(sorted(runs.items())), f, indent=1)
-    return path
+        path = keep_per_cpu(args.results_dir, "grouped_conv",
+                            f"onednn {'on' if onednn else 'off'}", saved)
+        print(f"kept in {path}")
 
 
 def per_shape(onednn, args):
