@@ -9,6 +9,14 @@ import pytest
 # Import the package before anything imports TensorFlow, as users are told to,
 # so the in-process tests run with the oneDNN kernels the package arranges.
 import keras_resnext  # noqa: E402,F401
+from keras_resnext.kernels import avx2
+
+# Tests of the AVX2 op (its values, gradients, the graphs it goes into) need it
+# at every shape it supports, on any CPU, not only where it is the faster
+# kernel here; subprocesses inherit the setting. tests/test_kernel_choice.py
+# tests the automatic choice; KERAS_RESNEXT_NATIVE_KERNELS=1 runs every test
+# with it (and =0 without the op).
+os.environ.setdefault(avx2.SWITCH, avx2.ALWAYS)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

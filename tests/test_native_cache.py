@@ -1,5 +1,5 @@
 """First use of the AVX2 op: its compile cache survives damaged files, and
-threads that use it at once all get it."""
+threads that use it at once all get it (and time its choice once)."""
 
 import concurrent.futures
 import os
@@ -101,22 +101,27 @@ FIRST_USE_TOGETHER = CHECK_VALUES + textwrap.dedent(f"""
     assert not errors, errors
     assert avx2.grouped_conv_op() is not None
     print("WORST", max(float(np.max(np.abs(y - expected))) for y in results))
+    from keras_resnext.kernels.avx2 import choice
+    print("DECIDED", len(choice.read_decisions(choice.decisions_path(tf_ops._onednn_enabled()))))
 """)
 
 
 def test_threads_using_the_op_for_the_first_time_together(tmp_path, python_subprocess):
     # Each try is a fresh process with an empty cache, so the threads meet
     # while the op is being built; before the fix nearly every try raised
-    # "KeyError: Registering two gradient with name ...".
+    # "KeyError: Registering two gradient with name ...". With the automatic
+    # choice, the threads also meet while the shape is timed: once.
     compiler, log = fake_compiler(tmp_path)
 
     def first_use(index):
         return python_subprocess(FIRST_USE_TOGETHER, env={
-            "CXX": str(compiler), "KERAS_RESNEXT_CACHE": str(tmp_path / f"cache{index}")})
+            "CXX": str(compiler), "KERAS_RESNEXT_CACHE": str(tmp_path / f"cache{index}"),
+            avx2.SWITCH: "1"})
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         tries = list(pool.map(first_use, range(2)))
     for result in tries:
         assert result.returncode == 0, result.stderr[-2000:]
-        assert float(result.stdout.split("WORST")[1]) < 1e-4
+        assert float(result.stdout.split("WORST")[1].split()[0]) < 1e-4
+        assert result.stdout.split("DECIDED")[1].split() == ["1"]
     assert builds(log) == len(tries)  # one per process, whatever its threads

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import keras_resnext as kr
+from keras_resnext.kernels import avx2
 
 tf = pytest.importorskip("tensorflow")
 
-CONFIGURATIONS = [(onednn, native) for onednn in ("0", "1") for native in ("0", "1")]
+CONFIGURATIONS = [(onednn, native) for onednn in ("0", "1") for native in ("0", avx2.ALWAYS)]
 
 # Runs in a process of its own with one oneDNN / AVX2-op configuration: every
 # way the package's graphs are built, each compared with eager inference.

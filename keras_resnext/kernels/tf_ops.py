@@ -6,10 +6,11 @@ import functools
 import threading
 
 from keras_resnext.kernels import avx2
+from keras_resnext.kernels.avx2 import choice as avx2_choice
 
 _scope = threading.local()
 _avx2_first_use = threading.Lock()
-# Channels per group where the AVX2 op beats oneDNN (benchmarks/grouped_conv.py).
+# Channels per group the AVX2 op has kernels for.
 NATIVE_GROUP_WIDTHS = (4, 8, 16, 32)
 
 
@@ -174,9 +175,13 @@ def _avx2_op_with_gradient():
 
 
 def _avx2_op_applies(x, kernel, strides, dilations):
-    """Whether the AVX2 op may and can run this convolution here."""
+    """Whether the AVX2 op may and can run this convolution here and, unless
+    `KERAS_RESNEXT_NATIVE_KERNELS=always`, beats TensorFlow's kernel at it on
+    this CPU (timed the first time the shape is seen: avx2/choice.py)."""
     import tensorflow as tf
 
+    if getattr(_scope, "timing_tensorflow", False):
+        return False
     if not (tf.executing_eagerly() or _in_native_scope()):
         return False
     kh, kw, group_width, filters = kernel.shape
@@ -195,7 +200,54 @@ def _avx2_op_applies(x, kernel, strides, dilations):
         or _in_xla_context()
     ):
         return False
-    return avx2_op() is not None
+    if avx2_op() is None:
+        return False
+    if avx2.always():
+        return True
+    # A size unknown at trace time is timed at a middle stage's.
+    height, width = (28 if size is None else size for size in x.shape[1:3])
+    with tf.init_scope():  # times eagerly, outside the graph being traced
+        return avx2_choice.op_wins(
+            group_width, strides[0], height, width, channels, _onednn_enabled(),
+            lambda batch: _timed_grouped_convs(batch, height, width, channels, group_width,
+                                               strides[0]))
+
+
+def _timed_grouped_convs(batch, height, width, channels, group_width, stride):
+    """(ours, tensorflows), calls for avx2/choice.py: a grouped 3x3 with
+    inference batch norm and ReLU on random data, by the AVX2 op with both
+    fused in, and by what this module and grappler make of it without the op
+    in a Keras step (oneDNN's fused conv, or TensorFlow's grouped kernel)."""
+    import tensorflow as tf
+
+    seeds = iter(range(8))
+
+    def random(shape):
+        return tf.random.stateless_normal(shape, [next(seeds), 0])
+
+    x = random([batch, height, width, channels])
+    kernel = random([3, 3, group_width, channels])
+    scale, offset, mean = (random([channels]) for _ in range(3))
+    variance = tf.abs(random([channels])) + 0.5
+    pads = _add_same_padding([0, 0, 0, 0], x, stride)
+    folded_scale = scale * tf.math.rsqrt(variance + 1e-5)
+    folded_offset = offset - mean * folded_scale
+
+    @tf.function(autograph=False)
+    def tensorflows(x):
+        with native_kernels():
+            y = grouped_conv2d(x, kernel, [stride, stride], "same", [1, 1])
+            return tf.nn.relu(fused_batch_norm(y, scale, offset, 1e-5, mean, variance)[0])
+
+    _scope.timing_tensorflow = True
+    try:
+        tensorflows = tensorflows.get_concrete_function(x)
+    finally:
+        _scope.timing_tensorflow = False
+    op = avx2_op()
+    return (lambda: op(x, kernel, folded_scale, folded_offset, stride=stride,
+                       explicit_paddings=pads, relu=True),
+            lambda: tensorflows(x))
 
 
 def _in_xla_context():

@@ -5,7 +5,9 @@ system C++ compiler, and cached per source, TensorFlow version and flags:
 
 - cache folder: `$KERAS_RESNEXT_CACHE`, else `~/.cache/keras_resnext`;
 - compiler: `$CXX`, else `c++`;
-- `KERAS_RESNEXT_NATIVE_KERNELS=0` turns the op off.
+- `KERAS_RESNEXT_NATIVE_KERNELS=0` turns the op off; `always` gives it every
+  shape it supports; unset or `1`, it gets only the shapes where it beats
+  TensorFlow's kernel on this CPU, measured once per shape (`choice.py`).
 
 Each cached library has its SHA-256 beside it (`.so.sha256`); one that doesn't
 match (a build cut short, a truncated copy) is rebuilt, never loaded.
@@ -24,33 +26,51 @@ import threading
 import warnings
 
 SWITCH = "KERAS_RESNEXT_NATIVE_KERNELS"
+ALWAYS = "always"
 OP_NAME = "KerasResnextGroupedConv2D"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = ("grouped_conv.cc", "grouped_conv_kernels.h")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-w")
 _first_use = threading.Lock()
+_library_digest = None
 
 
 class BuildError(RuntimeError):
     pass
 
 
+def _switch():
+    return os.environ.get(SWITCH, "1").strip().lower()
+
+
 def enabled():
-    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _switch() not in ("0", "false", "no", "off")
+
+
+def always():
+    """Whether the switch gives the op every shape it supports, faster or not."""
+    return _switch() == ALWAYS
 
 
 def cpu_supported():
     if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
         return False
+    return {"avx2", "fma"} <= set(cpu_identity()[1].split())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_identity():
+    """(model name, flags) of the first processor in /proc/cpuinfo; empty
+    strings where there is none."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return False
-    return False
+        pass
+    return fields.get("model name", ""), fields.get("flags", "")
 
 
 def grouped_conv_op():
@@ -70,8 +90,10 @@ def _load_op():
         return None
     import tensorflow as tf
 
+    global _library_digest
     try:
-        library = tf.load_op_library(build(tf))
+        path = build(tf)
+        library = tf.load_op_library(path)
     except (BuildError, OSError, tf.errors.NotFoundError) as error:
         warnings.warn(
             f"keras_resnext: the AVX2 grouped convolution is unavailable ({error}); "
@@ -80,7 +102,14 @@ def _load_op():
             stacklevel=3,
         )
         return None
+    _library_digest = _sha256(path)
     return library.keras_resnext_grouped_conv2d
+
+
+def library_digest():
+    """The SHA-256 of the op's library this process loaded, or None before
+    `grouped_conv_op()` has loaded one."""
+    return _library_digest
 
 
 def cache_dir():
