@@ -142,28 +142,100 @@ def tf_data_dataset(root, batch_size, num_batches, view="paper"):
     ).repeat().take(num_batches)
 
 
-def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0):
-    """The least a tf.data training input can do with these files."""
+# `--breakdown`: each of our steps alone on top of the floor, so that its cost
+# per image is the row's CPU time less the floor's.
+BREAKDOWN_STEPS = {
+    "seeded_crop": "our crop window: per-element seeds (Dataset.random), stateless "
+                   "sampler, centre-square fallback, JPEG/other-format branch",
+    "flip": "random horizontal flip of the uint8 crop",
+    "bicubic": "our resize (bicubic, pixels as float32) instead of bilinear",
+    "bookkeeping": "unreadable-file table (insert/remove per file), ignore_errors, "
+                   "end-of-pass report",
+    "label_check": "label range check",
+    "normalise": "preprocess_input per image, in the parallel map (ours)",
+    "normalise_per_batch": "preprocess_input per batch, in a map after batching "
+                           "(ours until issue 14)",
+    "pass_restart": "the pipeline rebuilt at each pass (ours is repeated outside "
+                    "build_dataset)",
+}
+
+
+def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0, step=None):
+    """The least a tf.data training input can do with these files.
+
+    With `step` (a key of BREAKDOWN_STEPS), the floor plus that one step of
+    `pipelines.build_dataset`'s training view, done as build_dataset does it.
+    """
     import glob
 
     import tensorflow as tf
 
-    files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))
+    from keras_resnext.preprocessing import preprocess_input
+    from pipelines import dataset as pipeline_dataset
+    from pipelines import imagenet
 
-    def load(path):
-        data = tf.io.read_file(path)
+    files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))
+    labels = [sorted(os.listdir(os.path.join(root, "train"))).index(
+        os.path.basename(os.path.dirname(path))) for path in files]
+    unreadable = pipeline_dataset.UnreadableFiles("breakdown")
+
+    def crop(data, element_seed):
+        if step == "seeded_crop":
+            crop_seed = tf.random.experimental.stateless_split(element_seed, num=4)[0]
+            return imagenet.decode_random_crop(data, crop_seed)
         begin, size, _ = tf.image.sample_distorted_bounding_box(
             tf.io.extract_jpeg_shape(data), bounding_boxes=tf.zeros([1, 0, 4]),
             area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
             use_image_if_no_bounding_boxes=True)
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
-        image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
-        return tf.image.resize(image, [image_size, image_size])
+        return tf.io.decode_and_crop_jpeg(data, window, channels=3)
 
-    return (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed).repeat()
-            .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-            .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            .take(num_batches))
+    def load(path, label, element_seed=None):
+        image = crop(tf.io.read_file(path), element_seed)
+        if step == "flip":
+            image = tf.image.stateless_random_flip_left_right(image, element_seed)
+        if step == "bicubic":
+            image = imagenet.resize_crop(image, image_size)
+        else:
+            image = tf.image.resize(image, [image_size, image_size])
+        if step == "normalise":
+            image = preprocess_input(image)
+        if step == "label_check":
+            return path, image, label
+        return image, label
+
+    def bookkept_load(path, label):
+        with tf.control_dependencies([unreadable.started(path)]):
+            image, label = load(path, label)
+        with tf.control_dependencies([unreadable.finished(path, after=image)]):
+            return tf.identity(image), label
+
+    records = tf.data.Dataset.from_tensor_slices((files, labels)).shuffle(len(files), seed=seed)
+    if step != "pass_restart":
+        records = records.repeat()
+    if step in ("seeded_crop", "flip"):
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        records = tf.data.Dataset.zip(records, seeds)
+        function = lambda record, element_seed: load(*record, element_seed)  # noqa: E731
+    else:
+        function = bookkept_load if step == "bookkeeping" else load
+    examples = records.map(function, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    if step == "bookkeeping":
+        examples = examples.ignore_errors()
+        examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
+    if step == "label_check":
+        examples = examples.map(
+            lambda path, image, label: pipeline_dataset._check_label(
+                path, image, label, len(set(labels))),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    dataset = examples.batch(batch_size, drop_remainder=True)
+    if step == "normalise_per_batch":
+        dataset = dataset.map(lambda images, labels: (preprocess_input(images), labels),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    if step == "pass_restart":
+        dataset = dataset.repeat()
+    return dataset.take(num_batches)
 
 
 class MixOrCutCollate:
@@ -265,6 +337,9 @@ def parse_args(argv):
                         help="alternating measurements of each; medians are printed")
     parser.add_argument("--torch_workers", type=int, default=2)
     parser.add_argument("--torch_python", help="interpreter with torchvision, if not this one")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: the floor, the floor plus each of our steps, and ours, "
+                             "as CPU ms per image")
     parser.add_argument("--only_torchvision", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--view", default="paper", choices=TORCHVISION_VIEWS,
                         help=argparse.SUPPRESS)
@@ -287,6 +362,9 @@ def main(argv=None):
         print(f"{count} JPEGs in {args.data_dir}, {mean_bytes / 1024:.0f} KB on average; "
               f"batch {args.batch_size}, {args.timed_batches} timed batches x "
               f"{args.repeats} repeats, {os.cpu_count()} CPUs")
+        if args.breakdown:
+            breakdown(args)
+            return
         datasets = {
             view: tf_data_dataset(args.data_dir, args.batch_size,
                                   args.warmup_batches + args.timed_batches, view)
@@ -327,6 +405,34 @@ def main(argv=None):
           f"{torch_cpu:5.1f} CPU ms/image")
     print(f"ratio: {tf_rate / torch_rate:.2f}x images/s, "
           f"{torch_cpu / tf_cpu:.2f}x less CPU per image")
+
+
+def breakdown(args):
+    """The floor, the floor plus each step of ours alone, and ours, in
+    interleaved rounds; a step's cost is its row's CPU time less the floor's."""
+    num_batches = args.warmup_batches + args.timed_batches
+    rows = {"floor": floor_dataset(args.data_dir, args.batch_size, num_batches)}
+    for step in BREAKDOWN_STEPS:
+        rows[f"floor + {step}"] = floor_dataset(args.data_dir, args.batch_size, num_batches,
+                                                step=step)
+    rows["ours (build_dataset, paper view)"] = tf_data_dataset(
+        args.data_dir, args.batch_size, num_batches)
+    runs = {name: [] for name in rows}
+    for _ in range(args.repeats):
+        for name, dataset in rows.items():
+            runs[name].append(measure(dataset, args.batch_size, args.warmup_batches,
+                                      args.timed_batches))
+    floor_rate, floor_cpu = np.median(runs["floor"], axis=0)
+    print(f"{'row (medians of ' + str(args.repeats) + ' rounds)':42s} {'images/s':>9s} "
+          f"{'of floor':>8s} {'CPU ms/img':>10s} {'step ms/img':>11s}")
+    for name, measured in runs.items():
+        rate, cpu = np.median(measured, axis=0)
+        # Paired by round, so that a busy spell hits the floor and the row alike.
+        paired = np.median([row[0] / floor[0] for row, floor in zip(measured, runs["floor"])])
+        step_cost = "" if name == "floor" else f"{cpu - floor_cpu:+11.2f}"
+        print(f"{name:42s} {rate:9.0f} {paired:8.0%} {cpu:10.2f} {step_cost}")
+    for step, description in BREAKDOWN_STEPS.items():
+        print(f"  {step}: {description}")
 
 
 def print_recipe_views(ours, theirs, torch_workers):

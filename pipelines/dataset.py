@@ -4,7 +4,6 @@ import sys
 
 import tensorflow as tf
 
-from keras_resnext.preprocessing import preprocess_input
 from keras_resnext.transforms import EVAL_VIEWS, family_eval_transform, resolve_eval_transform
 from pipelines import augment, cifar, imagenet
 from pipelines.sources import open_source, parse_source
@@ -191,10 +190,6 @@ def build_dataset(source, split, batch_size, training, image_size=None, *,
     )
     examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
     dataset = examples.batch(batch_size, drop_remainder=training)
-    if training and preprocessing == "imagenet":
-        dataset = dataset.map(lambda images, labels: (preprocess_input(images), labels),
-                              num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=deterministic)
     if training and augmentations.mixes:
         dataset = tf.data.Dataset.zip(dataset, augment.mixing_seeds(seed)).map(
             lambda batch, batch_seed: augment.mix_batch(
@@ -245,8 +240,11 @@ def _preprocess_function(preprocessing, training, image_size, eval_transform,
             )
         return lambda image_bytes, seed: cifar.preprocess_for_eval(image_bytes, image_size)
     if training:
-        # Normalised per batch in build_dataset: cheaper than per image.
-        return lambda image_bytes, seed: imagenet.augment_for_train(
+        # Normalised per image, in the parallel map: a map over whole batches
+        # cost a third of a millisecond more per image (--breakdown in
+        # benchmarks/pipeline.py), as each batch-sized result is a fresh
+        # allocation of tens of megabytes that the allocator does not reuse.
+        return lambda image_bytes, seed: imagenet.preprocess_for_train(
             image_bytes, image_size, seed, color_jitter=color_jitter,
             pca_lighting=pca_lighting, auto_augment=augmentations.auto_augment,
             random_erasing_probability=augmentations.random_erasing,
