@@ -151,7 +151,7 @@ BREAKDOWN_STEPS = {
     "bicubic": "our resize (bicubic, pixels as float32) instead of bilinear",
     "bookkeeping": "unreadable-file table (insert/remove per file), ignore_errors, "
                    "end-of-pass report",
-    "label_check": "label range check",
+    "label_check": "label range check, per batch",
     "normalise": "preprocess_input per image, in the parallel map (ours)",
     "normalise_per_batch": "preprocess_input per batch, in a map after batching "
                            "(ours until issue 14)",
@@ -159,12 +159,14 @@ BREAKDOWN_STEPS = {
                     "build_dataset)",
 }
 
+OUR_STEPS = tuple(step for step in BREAKDOWN_STEPS if step != "normalise_per_batch")
 
-def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0, step=None):
+
+def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0, steps=()):
     """The least a tf.data training input can do with these files.
 
-    With `step` (a key of BREAKDOWN_STEPS), the floor plus that one step of
-    `pipelines.build_dataset`'s training view, done as build_dataset does it.
+    With `steps` (keys of BREAKDOWN_STEPS), the floor plus those steps of
+    `pipelines.build_dataset`'s training view, each done as build_dataset does it.
     """
     import glob
 
@@ -175,12 +177,13 @@ def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0, step=No
     from pipelines import imagenet
 
     files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))
-    labels = [sorted(os.listdir(os.path.join(root, "train"))).index(
-        os.path.basename(os.path.dirname(path))) for path in files]
+    class_names = sorted(os.listdir(os.path.join(root, "train")))
+    num_classes = len(class_names)
+    labels = [class_names.index(os.path.basename(os.path.dirname(path))) for path in files]
     unreadable = pipeline_dataset.UnreadableFiles("breakdown")
 
     def crop(data, element_seed):
-        if step == "seeded_crop":
+        if "seeded_crop" in steps:
             crop_seed = tf.random.experimental.stateless_split(element_seed, num=4)[0]
             return imagenet.decode_random_crop(data, crop_seed)
         begin, size, _ = tf.image.sample_distorted_bounding_box(
@@ -190,50 +193,54 @@ def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0, step=No
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         return tf.io.decode_and_crop_jpeg(data, window, channels=3)
 
-    def load(path, label, element_seed=None):
+    def load(path, element_seed):
         image = crop(tf.io.read_file(path), element_seed)
-        if step == "flip":
+        if "flip" in steps:
             image = tf.image.stateless_random_flip_left_right(image, element_seed)
-        if step == "bicubic":
+        if "bicubic" in steps:
             image = imagenet.resize_crop(image, image_size)
         else:
             image = tf.image.resize(image, [image_size, image_size])
-        if step == "normalise":
+        if "normalise" in steps:
             image = preprocess_input(image)
-        if step == "label_check":
+        return image
+
+    def load_element(path, label, element_seed=None):
+        if "bookkeeping" in steps:
+            with tf.control_dependencies([unreadable.started(path)]):
+                image = load(path, element_seed)
+            with tf.control_dependencies([unreadable.finished(path, after=image)]):
+                image = tf.identity(image)
+        else:
+            image = load(path, element_seed)
+        if "label_check" in steps:
             return path, image, label
         return image, label
 
-    def bookkept_load(path, label):
-        with tf.control_dependencies([unreadable.started(path)]):
-            image, label = load(path, label)
-        with tf.control_dependencies([unreadable.finished(path, after=image)]):
-            return tf.identity(image), label
-
     records = tf.data.Dataset.from_tensor_slices((files, labels)).shuffle(len(files), seed=seed)
-    if step != "pass_restart":
+    if "pass_restart" not in steps:
         records = records.repeat()
-    if step in ("seeded_crop", "flip"):
+    if "seeded_crop" in steps or "flip" in steps:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         records = tf.data.Dataset.zip(records, seeds)
-        function = lambda record, element_seed: load(*record, element_seed)  # noqa: E731
+        function = lambda record, element_seed: load_element(*record, element_seed)  # noqa: E731
     else:
-        function = bookkept_load if step == "bookkeeping" else load
+        function = load_element
     examples = records.map(function, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    if step == "bookkeeping":
+    if "bookkeeping" in steps:
         examples = examples.ignore_errors()
         examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
-    if step == "label_check":
-        examples = examples.map(
-            lambda path, image, label: pipeline_dataset._check_label(
-                path, image, label, len(set(labels))),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     dataset = examples.batch(batch_size, drop_remainder=True)
-    if step == "normalise_per_batch":
+    if "label_check" in steps:
+        dataset = dataset.map(
+            lambda paths, images, batch_labels: pipeline_dataset._check_labels(
+                paths, images, batch_labels, num_classes),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    if "normalise_per_batch" in steps:
         dataset = dataset.map(lambda images, labels: (preprocess_input(images), labels),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    if step == "pass_restart":
+    if "pass_restart" in steps:
         dataset = dataset.repeat()
     return dataset.take(num_batches)
 
@@ -414,7 +421,9 @@ def breakdown(args):
     rows = {"floor": floor_dataset(args.data_dir, args.batch_size, num_batches)}
     for step in BREAKDOWN_STEPS:
         rows[f"floor + {step}"] = floor_dataset(args.data_dir, args.batch_size, num_batches,
-                                                step=step)
+                                                steps=(step,))
+    rows["floor + all of ours"] = floor_dataset(args.data_dir, args.batch_size, num_batches,
+                                                steps=OUR_STEPS)
     rows["ours (build_dataset, paper view)"] = tf_data_dataset(
         args.data_dir, args.batch_size, num_batches)
     runs = {name: [] for name in rows}
