@@ -21,8 +21,11 @@ Repeated augmentation only reorders keys, so it is left out.
 And the floor (issue 14): read + `decode_and_crop_jpeg` of a random window
 drawn as the paper's crop is (8-100% of the area, aspect 3/4-4/3) + one
 bilinear resize to 224, batched, nothing else; the paper view's share of it
-says what our bookkeeping, bicubic antialiased resize, flip and
-normalisation cost.
+says what our bookkeeping, bicubic resize, flip and normalisation cost.
+
+`--breakdown` instead times the floor, the floor plus each step of ours
+alone (BREAKDOWN_STEPS), the floor plus all of them, and ours, in
+interleaved rounds, and prints each step's CPU ms per image over the floor's.
 
 torchvision runs in this interpreter when it is importable, otherwise in
 --torch_python (e.g. a separate PyTorch virtualenv). The script prints both
@@ -30,6 +33,7 @@ figures (median of --repeats alternating runs) and their ratio, as images/s
 and as CPU time per image; the latter is steadier on a shared machine.
 
     python benchmarks/pipeline.py --torch_python /work/torchvenv/bin/python
+    python benchmarks/pipeline.py --breakdown
 """
 
 import argparse
@@ -45,9 +49,9 @@ import numpy as np
 
 if not __package__:  # run as `python benchmarks/pipeline.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from machine import print_cpu
+    from machine import cpu_description, cpu_file_name, print_cpu
 else:
-    from benchmarks.machine import print_cpu
+    from benchmarks.machine import cpu_description, cpu_file_name, print_cpu
 
 GENERATED_IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo.
 GENERATED_CLASSES = 10
@@ -344,6 +348,9 @@ def parse_args(argv):
                         help="alternating measurements of each; medians are printed")
     parser.add_argument("--torch_workers", type=int, default=2)
     parser.add_argument("--torch_python", help="interpreter with torchvision, if not this one")
+    parser.add_argument("--results_dir",
+                        help="also keep the medians in DIR/pipeline_<cpu>.json, one entry "
+                             "per mode (comparison, breakdown), replaced by a rerun")
     parser.add_argument("--breakdown", action="store_true",
                         help="instead: the floor, the floor plus each of our steps, and ours, "
                              "as CPU ms per image")
@@ -401,9 +408,20 @@ def main(argv=None):
     floor_rate, floor_cpu = np.median(floors, axis=0)
     print(f"floor (read + decode_and_crop_jpeg + bilinear resize): {floor_rate:7.1f} images/s, "
           f"{floor_cpu:5.1f} CPU ms/image")
+    paired = np.median([o[0] / f[0] for o, f in zip(ours["paper"], floors)])
     print(f"tf.data (pipelines.build_dataset): {tf_rate:7.1f} images/s, "
           f"{tf_cpu:5.1f} CPU ms/image; {tf_rate / floor_rate:.0%} of the floor's images/s "
-          f"(paired by round: {np.median([o[0] / f[0] for o, f in zip(ours['paper'], floors)]):.0%})")
+          f"(paired by round: {paired:.0%})")
+    medians = {"floor": dict(images_per_second=floor_rate, cpu_ms_per_image=floor_cpu)}
+    for view, runs in ours.items():
+        rate, cpu = np.median(runs, axis=0)
+        medians[f"tf.data {view}"] = dict(images_per_second=rate, cpu_ms_per_image=cpu)
+    medians["tf.data paper"]["of_floor_paired"] = paired
+    for view, runs in theirs.items():
+        if runs[0] is not None:
+            rate, cpu = np.median(runs, axis=0)
+            medians[f"torchvision {view}"] = dict(images_per_second=rate, cpu_ms_per_image=cpu)
+    save_results(args, "comparison", medians)
     if theirs["paper"][0] is None:
         print("torchvision: not importable here and no --torch_python given")
         return
@@ -432,6 +450,7 @@ def breakdown(args):
             runs[name].append(measure(dataset, args.batch_size, args.warmup_batches,
                                       args.timed_batches))
     floor_rate, floor_cpu = np.median(runs["floor"], axis=0)
+    medians = {}
     print(f"{'row (medians of ' + str(args.repeats) + ' rounds)':42s} {'images/s':>9s} "
           f"{'of floor':>8s} {'CPU ms/img':>10s} {'step ms/img':>11s}")
     for name, measured in runs.items():
@@ -440,8 +459,33 @@ def breakdown(args):
         paired = np.median([row[0] / floor[0] for row, floor in zip(measured, runs["floor"])])
         step_cost = "" if name == "floor" else f"{cpu - floor_cpu:+11.2f}"
         print(f"{name:42s} {rate:9.0f} {paired:8.0%} {cpu:10.2f} {step_cost}")
+        medians[name] = dict(images_per_second=rate, of_floor_paired=paired,
+                             cpu_ms_per_image=cpu, step_cpu_ms_per_image=cpu - floor_cpu)
     for step, description in BREAKDOWN_STEPS.items():
         print(f"  {step}: {description}")
+    save_results(args, "breakdown", medians)
+
+
+def save_results(args, mode, medians):
+    """Keep `medians` in --results_dir/pipeline_<cpu>.json under `mode`,
+    replacing that mode's earlier run on this CPU."""
+    if not args.results_dir:
+        return
+    path = os.path.join(args.results_dir, f"pipeline_{cpu_file_name()}.json")
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs[mode] = dict(
+        cpu=cpu_description(), cores=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        command="python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
+        medians=medians,
+    )
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(runs, f, indent=1)
+    print(f"results: {path}")
 
 
 def print_recipe_views(ours, theirs, torch_workers):
