@@ -480,6 +480,8 @@ def save_results(args, mode, medians):
         cpu=cpu_description(), cores=os.cpu_count(),
         date=time.strftime("%Y-%m-%d", time.gmtime()),
         command="python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
+        # Other work on the machine shows here; a loaded run's images/s mean less.
+        load_average_at_end=os.getloadavg()[0],
         medians=medians,
     )
     os.makedirs(args.results_dir, exist_ok=True)
