@@ -128,10 +128,7 @@ def preprocess_for_train(image_bytes, image_size=224, seed=None, *,
 def augment_for_train(image_bytes, image_size=224, seed=None, *,
                       color_jitter=False, pca_lighting=False, auto_augment=None,
                       random_erasing_probability=0.0):
-    """`preprocess_for_train` before normalisation: float32 RGB in [0, 255].
-
-    Batched pipelines normalise whole batches, which is cheaper per image.
-    """
+    """`preprocess_for_train` before normalisation: float32 RGB in [0, 255]."""
     if seed is None:
         seed = tf.random.uniform([2], maxval=tf.int32.max, dtype=tf.int32)
     crop_seed, flip_seed, jitter_seed, lighting_seed = tf.unstack(
