@@ -21,8 +21,11 @@ Repeated augmentation only reorders keys, so it is left out.
 And the floor (issue 14): read + `decode_and_crop_jpeg` of a random window
 drawn as the paper's crop is (8-100% of the area, aspect 3/4-4/3) + one
 bilinear resize to 224, batched, nothing else; the paper view's share of it
-says what our bookkeeping, bicubic antialiased resize, flip and
-normalisation cost.
+says what our bookkeeping, bicubic resize, flip and normalisation cost.
+
+`--breakdown` instead times the floor, the floor plus each step of ours
+alone (BREAKDOWN_STEPS), the floor plus all of them, and ours, in
+interleaved rounds, and prints each step's CPU ms per image over the floor's.
 
 torchvision runs in this interpreter when it is importable, otherwise in
 --torch_python (e.g. a separate PyTorch virtualenv). The script prints both
@@ -30,6 +33,7 @@ figures (median of --repeats alternating runs) and their ratio, as images/s
 and as CPU time per image; the latter is steadier on a shared machine.
 
     python benchmarks/pipeline.py --torch_python /work/torchvenv/bin/python
+    python benchmarks/pipeline.py --breakdown
 """
 
 import argparse
@@ -45,9 +49,9 @@ import numpy as np
 
 if not __package__:  # run as `python benchmarks/pipeline.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from machine import print_cpu
+    from machine import cpu_description, cpu_file_name, print_cpu
 else:
-    from benchmarks.machine import print_cpu
+    from benchmarks.machine import cpu_description, cpu_file_name, print_cpu
 
 GENERATED_IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo.
 GENERATED_CLASSES = 10
@@ -142,28 +146,107 @@ def tf_data_dataset(root, batch_size, num_batches, view="paper"):
     ).repeat().take(num_batches)
 
 
-def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0):
-    """The least a tf.data training input can do with these files."""
+# `--breakdown`: each of our steps alone on top of the floor, so that its cost
+# per image is the row's CPU time less the floor's.
+BREAKDOWN_STEPS = {
+    "seeded_crop": "our crop window: per-element seeds (Dataset.random), stateless "
+                   "sampler, centre-square fallback, JPEG/other-format branch",
+    "flip": "random horizontal flip of the uint8 crop",
+    "bicubic": "our resize (bicubic, pixels as float32) instead of bilinear",
+    "bookkeeping": "unreadable-file table (insert/remove per file), ignore_errors, "
+                   "end-of-pass report",
+    "label_check": "label range check, per batch",
+    "normalise": "preprocess_input per image, in the parallel map (ours)",
+    "normalise_per_batch": "preprocess_input per batch, in a map after batching "
+                           "(ours until issue 14)",
+    "pass_restart": "the pipeline rebuilt at each pass (ours is repeated outside "
+                    "build_dataset)",
+}
+
+OUR_STEPS = tuple(step for step in BREAKDOWN_STEPS if step != "normalise_per_batch")
+
+
+def floor_dataset(root, batch_size, num_batches, image_size=224, seed=0, steps=()):
+    """The least a tf.data training input can do with these files.
+
+    With `steps` (keys of BREAKDOWN_STEPS), the floor plus those steps of
+    `pipelines.build_dataset`'s training view, each done as build_dataset does it.
+    """
     import glob
 
     import tensorflow as tf
 
-    files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))
+    from keras_resnext.preprocessing import preprocess_input
+    from pipelines import dataset as pipeline_dataset
+    from pipelines import imagenet
 
-    def load(path):
-        data = tf.io.read_file(path)
+    files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))
+    class_names = sorted(os.listdir(os.path.join(root, "train")))
+    num_classes = len(class_names)
+    labels = [class_names.index(os.path.basename(os.path.dirname(path))) for path in files]
+    unreadable = pipeline_dataset.UnreadableFiles("breakdown")
+
+    def crop(data, element_seed):
+        if "seeded_crop" in steps:
+            crop_seed = tf.random.experimental.stateless_split(element_seed, num=4)[0]
+            return imagenet.decode_random_crop(data, crop_seed)
         begin, size, _ = tf.image.sample_distorted_bounding_box(
             tf.io.extract_jpeg_shape(data), bounding_boxes=tf.zeros([1, 0, 4]),
             area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10,
             use_image_if_no_bounding_boxes=True)
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
-        image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
-        return tf.image.resize(image, [image_size, image_size])
+        return tf.io.decode_and_crop_jpeg(data, window, channels=3)
 
-    return (tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed).repeat()
-            .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-            .batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-            .take(num_batches))
+    def load(path, element_seed):
+        image = crop(tf.io.read_file(path), element_seed)
+        if "flip" in steps:
+            image = tf.image.stateless_random_flip_left_right(image, element_seed)
+        if "bicubic" in steps:
+            image = imagenet.resize_crop(image, image_size)
+        else:
+            image = tf.image.resize(image, [image_size, image_size])
+        if "normalise" in steps:
+            image = preprocess_input(image)
+        return image
+
+    def load_element(path, label, element_seed=None):
+        if "bookkeeping" in steps:
+            with tf.control_dependencies([unreadable.started(path)]):
+                image = load(path, element_seed)
+            with tf.control_dependencies([unreadable.finished(path, after=image)]):
+                image = tf.identity(image)
+        else:
+            image = load(path, element_seed)
+        if "label_check" in steps:
+            return path, image, label
+        return image, label
+
+    records = tf.data.Dataset.from_tensor_slices((files, labels)).shuffle(len(files), seed=seed)
+    if "pass_restart" not in steps:
+        records = records.repeat()
+    if "seeded_crop" in steps or "flip" in steps:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        records = tf.data.Dataset.zip(records, seeds)
+        function = lambda record, element_seed: load_element(*record, element_seed)  # noqa: E731
+    else:
+        function = load_element
+    examples = records.map(function, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    if "bookkeeping" in steps:
+        examples = examples.ignore_errors()
+        examples = examples.concatenate(unreadable.report_at_end(examples.element_spec))
+    dataset = examples.batch(batch_size, drop_remainder=True)
+    if "label_check" in steps:
+        dataset = dataset.map(
+            lambda paths, images, batch_labels: pipeline_dataset._check_labels(
+                paths, images, batch_labels, num_classes),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    if "normalise_per_batch" in steps:
+        dataset = dataset.map(lambda images, labels: (preprocess_input(images), labels),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    if "pass_restart" in steps:
+        dataset = dataset.repeat()
+    return dataset.take(num_batches)
 
 
 class MixOrCutCollate:
@@ -265,6 +348,12 @@ def parse_args(argv):
                         help="alternating measurements of each; medians are printed")
     parser.add_argument("--torch_workers", type=int, default=2)
     parser.add_argument("--torch_python", help="interpreter with torchvision, if not this one")
+    parser.add_argument("--results_dir",
+                        help="also keep the medians in DIR/pipeline_<cpu>.json, one entry "
+                             "per mode (comparison, breakdown), replaced by a rerun")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: the floor, the floor plus each of our steps, and ours, "
+                             "as CPU ms per image")
     parser.add_argument("--only_torchvision", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--view", default="paper", choices=TORCHVISION_VIEWS,
                         help=argparse.SUPPRESS)
@@ -287,6 +376,9 @@ def main(argv=None):
         print(f"{count} JPEGs in {args.data_dir}, {mean_bytes / 1024:.0f} KB on average; "
               f"batch {args.batch_size}, {args.timed_batches} timed batches x "
               f"{args.repeats} repeats, {os.cpu_count()} CPUs")
+        if args.breakdown:
+            breakdown(args)
+            return
         datasets = {
             view: tf_data_dataset(args.data_dir, args.batch_size,
                                   args.warmup_batches + args.timed_batches, view)
@@ -316,9 +408,20 @@ def main(argv=None):
     floor_rate, floor_cpu = np.median(floors, axis=0)
     print(f"floor (read + decode_and_crop_jpeg + bilinear resize): {floor_rate:7.1f} images/s, "
           f"{floor_cpu:5.1f} CPU ms/image")
+    paired = np.median([o[0] / f[0] for o, f in zip(ours["paper"], floors)])
     print(f"tf.data (pipelines.build_dataset): {tf_rate:7.1f} images/s, "
           f"{tf_cpu:5.1f} CPU ms/image; {tf_rate / floor_rate:.0%} of the floor's images/s "
-          f"(paired by round: {np.median([o[0] / f[0] for o, f in zip(ours['paper'], floors)]):.0%})")
+          f"(paired by round: {paired:.0%})")
+    medians = {"floor": dict(images_per_second=floor_rate, cpu_ms_per_image=floor_cpu)}
+    for view, runs in ours.items():
+        rate, cpu = np.median(runs, axis=0)
+        medians[f"tf.data {view}"] = dict(images_per_second=rate, cpu_ms_per_image=cpu)
+    medians["tf.data paper"]["of_floor_paired"] = paired
+    for view, runs in theirs.items():
+        if runs[0] is not None:
+            rate, cpu = np.median(runs, axis=0)
+            medians[f"torchvision {view}"] = dict(images_per_second=rate, cpu_ms_per_image=cpu)
+    save_results(args, "comparison", medians)
     if theirs["paper"][0] is None:
         print("torchvision: not importable here and no --torch_python given")
         return
@@ -327,6 +430,64 @@ def main(argv=None):
           f"{torch_cpu:5.1f} CPU ms/image")
     print(f"ratio: {tf_rate / torch_rate:.2f}x images/s, "
           f"{torch_cpu / tf_cpu:.2f}x less CPU per image")
+
+
+def breakdown(args):
+    """The floor, the floor plus each step of ours alone, and ours, in
+    interleaved rounds; a step's cost is its row's CPU time less the floor's."""
+    num_batches = args.warmup_batches + args.timed_batches
+    rows = {"floor": floor_dataset(args.data_dir, args.batch_size, num_batches)}
+    for step in BREAKDOWN_STEPS:
+        rows[f"floor + {step}"] = floor_dataset(args.data_dir, args.batch_size, num_batches,
+                                                steps=(step,))
+    rows["floor + all of ours"] = floor_dataset(args.data_dir, args.batch_size, num_batches,
+                                                steps=OUR_STEPS)
+    rows["ours (build_dataset, paper view)"] = tf_data_dataset(
+        args.data_dir, args.batch_size, num_batches)
+    runs = {name: [] for name in rows}
+    for _ in range(args.repeats):
+        for name, dataset in rows.items():
+            runs[name].append(measure(dataset, args.batch_size, args.warmup_batches,
+                                      args.timed_batches))
+    floor_rate, floor_cpu = np.median(runs["floor"], axis=0)
+    medians = {}
+    print(f"{'row (medians of ' + str(args.repeats) + ' rounds)':42s} {'images/s':>9s} "
+          f"{'of floor':>8s} {'CPU ms/img':>10s} {'step ms/img':>11s}")
+    for name, measured in runs.items():
+        rate, cpu = np.median(measured, axis=0)
+        # Paired by round, so that a busy spell hits the floor and the row alike.
+        paired = np.median([row[0] / floor[0] for row, floor in zip(measured, runs["floor"])])
+        step_cost = "" if name == "floor" else f"{cpu - floor_cpu:+11.2f}"
+        print(f"{name:42s} {rate:9.0f} {paired:8.0%} {cpu:10.2f} {step_cost}")
+        medians[name] = dict(images_per_second=rate, of_floor_paired=paired,
+                             cpu_ms_per_image=cpu, step_cpu_ms_per_image=cpu - floor_cpu)
+    for step, description in BREAKDOWN_STEPS.items():
+        print(f"  {step}: {description}")
+    save_results(args, "breakdown", medians)
+
+
+def save_results(args, mode, medians):
+    """Keep `medians` in --results_dir/pipeline_<cpu>.json under `mode`,
+    replacing that mode's earlier run on this CPU."""
+    if not args.results_dir:
+        return
+    path = os.path.join(args.results_dir, f"pipeline_{cpu_file_name()}.json")
+    runs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs[mode] = dict(
+        cpu=cpu_description(), cores=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        command="python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
+        # Other work on the machine shows here; a loaded run's images/s mean less.
+        load_average_at_end=os.getloadavg()[0],
+        medians=medians,
+    )
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(runs, f, indent=1)
+    print(f"results: {path}")
 
 
 def print_recipe_views(ours, theirs, torch_workers):

@@ -27,8 +27,14 @@ def preprocess_input(x, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB):
     mean = np.asarray(mean, dtype="float64") * 255.0
     std = np.asarray(std, dtype="float64") * 255.0
     # (x - mean) / std as one multiply-add: a broadcast divide is slow in tf.data.
-    scale, shift = (1.0 / std).astype("float32"), (-mean / std).astype("float32")
-    return x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)
+    scale, shift = ops.cast((1.0 / std).astype("float32"), x.dtype), ops.cast(
+        (-mean / std).astype("float32"), x.dtype)
+    if None not in tuple(x.shape):
+        # TensorFlow's broadcast of a per-channel vector inside an arithmetic op
+        # is several times slower than broadcast_to and then an op of equal
+        # shapes (issue 14); a symbolic shape keeps the plain broadcast.
+        scale, shift = ops.broadcast_to(scale, x.shape), ops.broadcast_to(shift, x.shape)
+    return x * scale + shift
 
 
 def outputs_probabilities(model):
