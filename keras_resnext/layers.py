@@ -73,11 +73,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         training = bool(training) and self.trainable
         if not training:
-            fused = (
-                tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
-                if self.compute_dtype == "float32"
-                else None
-            )
+            if self.compute_dtype == "float32":
+                fused = tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
+            else:
+                fused = tf_ops.fold_into_conv(inputs, self._inference_affine)
             if fused is not None:
                 return fused
         import tensorflow as tf
