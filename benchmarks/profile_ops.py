@@ -83,10 +83,15 @@ def main():
             macs[layer.name[:-len("_conv")]] = (
                 args.batch_size * height * width * filters * kh * kw * group_width,
                 f"{kh}x{kw}, {group_width} in per output, {height}x{width}x{filters} out")
+    # A bfloat16 block's last conv fuses with its residual add and ReLU, whose
+    # name (conv3_block2_out) the fused op takes.
     conv_ms = collections.Counter()
     for name, ms in by_node.items():
         match = re.search(r"/(conv\d(?:_block\d+_\d)?)_", name)
-        if match and "Conv" in name.rsplit(":", 1)[1]:
+        residual = re.search(r"/(conv\d_block\d+)_(?:add|out)/", name)
+        if residual and "Conv" in name.rsplit(":", 1)[1]:
+            conv_ms[f"{residual.group(1)}_3"] += ms
+        elif match and "Conv" in name.rsplit(":", 1)[1]:
             conv_ms[match.group(1)] += ms
     print("\nconvolution          ms  GMAC/s  shape")
     for name, ms in conv_ms.items():

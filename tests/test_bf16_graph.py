@@ -40,15 +40,20 @@ def _images(count=4):
     return np.random.default_rng(1).normal(0, 1, (count, 16, 16, 3)).astype("float32")
 
 
-def _traced_op_types(model, native):
-    """Op types in the traced inference graph (dead ones included), and
-    "BiasAdd of T" for each BiasAdd of an op of type T but the dense head's."""
+def _traced_graph(model, native, batch=None):
     @tf.function
     def infer(x):
         with tf_ops.native_kernels(enabled=native):
             return model(x, training=False)
 
-    graph = infer.get_concrete_function(tf.TensorSpec([2, 16, 16, 3])).graph
+    return infer.get_concrete_function(tf.TensorSpec([batch, 16, 16, 3])).graph
+
+
+def _traced_op_types(model, native, batch=None):
+    """Op types in the traced inference graph (dead ones included), and
+    "BiasAdd of T" for each BiasAdd of an op of type T but the dense head's.
+    The batch is unknown unless given, as in exports."""
+    graph = _traced_graph(model, native, batch)
     types = collections.Counter(op.type for op in graph.get_operations())
     for op in graph.get_operations():
         if op.type == "BiasAdd" and op.inputs[0].op.type != "MatMul":
@@ -80,6 +85,16 @@ def test_exported_graphs_fold_too_and_keep_grouped_convs_behind_their_boundary()
     assert ops["BiasAdd of Conv2D"] == _batch_norms(model) - grouped, ops
 
 
+def test_with_a_small_batch_known_large_kernels_keep_their_batch_norm():
+    # Batch 1: conv4_block1_0's kernel (512 x 1024) is 32 times its output
+    # (4 x 4 x 1024); rescaling it every call would cost more than the pass
+    # over the output that batch norm makes.
+    ops = [op for op in _traced_graph(_model("mixed_bfloat16"), native=True, batch=1)
+           .get_operations() if op.type == "FusedBatchNormV3"]
+    names = " ".join(op.name for op in ops)
+    assert "conv4_block1_0_bn" in names and "conv2_block1_1_bn" not in names, names
+
+
 def test_float32_inference_keeps_the_fused_batch_norm():
     # grappler fuses float32 Conv2D + FusedBatchNorm itself; nothing to fold.
     ops = _traced_op_types(_model(), native=True)
@@ -90,7 +105,7 @@ def test_predict_runs_no_batch_norm_op_in_bfloat16(tmp_path):
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     model = _model("mixed_bfloat16")
-    images = _images(2)
+    images = _images(16)  # enough that every kernel folds (see the test above)
     model.predict_on_batch(images)
     tf.profiler.experimental.start(str(tmp_path))
     model.predict_on_batch(images)

@@ -271,7 +271,7 @@ def fold_into_conv(x, affine):
     oneDNN op but leaves bfloat16 ones apart ("not supported for bf16"), so
     batch norm would be a pass of its own after every convolution. Conv2D +
     BiasAdd (+ ReLU, + the residual Add) it fuses in bfloat16 too. None if x
-    isn't such a convolution's output.
+    isn't such a convolution's output, or its kernel is much larger than x.
     """
     import tensorflow as tf
 
@@ -282,6 +282,12 @@ def fold_into_conv(x, affine):
         return None
     # IdentityN(y, inputs, kernel), Conv2D(inputs, kernel), call(inputs, kernel)
     inputs, kernel = x.op.inputs[-2:]
+    outputs = x.shape.num_elements()
+    if outputs is not None and kernel.shape.num_elements() > 2 * outputs:
+        # Rescaling the kernel is a pass over it on every call. Where that
+        # outweighs a pass over the output (a small batch in the late stages)
+        # batch norm stays apart; with the batch unknown (exports) it folds.
+        return None
     scale, offset = affine()
     if kernel.op.type == "Cast" and kernel.op.inputs[0].dtype == tf.float32:
         # The policy's cast of the float32 kernel: scale before rounding.
