@@ -83,16 +83,22 @@ def main():
             macs[layer.name[:-len("_conv")]] = (
                 args.batch_size * height * width * filters * kh * kw * group_width,
                 f"{kh}x{kw}, {group_width} in per output, {height}x{width}x{filters} out")
-    # A bfloat16 block's last conv fuses with its residual add and ReLU, whose
-    # name (conv3_block2_out) the fused op takes.
+    # In bfloat16 grappler fuses the residual add and ReLU into one of the
+    # block's convolutions (its last, or the shortcut's), and the fused op
+    # takes their name (conv3_block2_out): it is the one not named otherwise.
     conv_ms = collections.Counter()
+    residual_ms = collections.Counter()
     for name, ms in by_node.items():
+        if "Conv" not in name.rsplit(":", 1)[1]:
+            continue
+        residual = re.search(r"/(conv\d_block\d+)_(?:add|out)(?:_\d+)?/", name)
         match = re.search(r"/(conv\d(?:_block\d+_\d)?)_", name)
-        residual = re.search(r"/(conv\d_block\d+)_(?:add|out)/", name)
-        if residual and "Conv" in name.rsplit(":", 1)[1]:
-            conv_ms[f"{residual.group(1)}_3"] += ms
-        elif match and "Conv" in name.rsplit(":", 1)[1]:
+        if residual:
+            residual_ms[residual.group(1)] += ms
+        elif match:
             conv_ms[match.group(1)] += ms
+    for block, ms in residual_ms.items():
+        conv_ms[f"{block}_3" if f"{block}_3" not in conv_ms else f"{block}_0"] += ms
     print("\nconvolution          ms  GMAC/s  shape")
     for name, ms in conv_ms.items():
         if name in macs:
