@@ -55,7 +55,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     `FusedBatchNormV3` instead: one op forward and one backward, and at
     inference grappler folds it into the preceding convolution (oneDNN's
     fused conv + BN + ReLU), or this layer folds itself into our AVX2 grouped
-    conv. Moving statistics follow PyTorch: the variance
+    conv, or, in half precision, where grappler won't, into the convolution's
+    kernel and a bias (`tf_ops.fold_into_conv`). Moving statistics follow PyTorch: the variance
     they track is the unbiased batch variance. Same arguments, weights and
     config as Keras' layer; other backends and unusual settings (masks,
     renorm, synchronized, axis other than last of 4-D) use Keras' own code.
