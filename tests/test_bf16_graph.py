@@ -120,10 +120,12 @@ def test_predict_runs_no_batch_norm_op_in_bfloat16(tmp_path):
     assert not [op for op in ran if "BatchNorm" in op], ran
 
 
-@pytest.mark.parametrize("call", ["predict_on_batch", "tf.function"])
-def test_bfloat16_outputs_within_1e2_of_float32(call):
+@pytest.mark.parametrize("policy, call", [("mixed_bfloat16", "predict_on_batch"),
+                                          ("mixed_bfloat16", "tf.function"),
+                                          ("mixed_float16", "predict_on_batch")])
+def test_half_precision_outputs_within_1e2_of_float32(policy, call):
     float32_model = _model()
-    mixed_model = _model("mixed_bfloat16")
+    mixed_model = _model(policy)
     mixed_model.set_weights(float32_model.get_weights())
     images = _images()
     expected = float32_model.predict_on_batch(images)
