@@ -55,7 +55,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     `FusedBatchNormV3` instead: one op forward and one backward, and at
     inference grappler folds it into the preceding convolution (oneDNN's
     fused conv + BN + ReLU), or this layer folds itself into our AVX2 grouped
-    conv. Moving statistics follow PyTorch: the variance
+    conv, or, in half precision, where grappler won't, into the convolution's
+    kernel and a bias (`tf_ops.fold_into_conv`). Moving statistics follow PyTorch: the variance
     they track is the unbiased batch variance. Same arguments, weights and
     config as Keras' layer; other backends and unusual settings (masks,
     renorm, synchronized, axis other than last of 4-D) use Keras' own code.
@@ -73,11 +74,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         training = bool(training) and self.trainable
         if not training:
-            fused = (
-                tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
-                if self.compute_dtype == "float32"
-                else None
-            )
+            if self.compute_dtype == "float32":
+                fused = tf_ops.fuse_into_conv(inputs, affine=self._inference_affine)
+            else:
+                fused = tf_ops.fold_into_conv(inputs, self._inference_affine)
             if fused is not None:
                 return fused
         import tensorflow as tf

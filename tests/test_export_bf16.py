@@ -33,6 +33,7 @@ print("RESULT", json.dumps({
     "dtype": loaded.signatures["metadata"]()["dtype"].numpy().decode(),
     "bfloat16_grouped_convs": sum(node.op == "Conv2D" and node.attr["T"].type == tf.bfloat16
                                   for node in ops),
+    "batch_norms": sum(node.op.startswith("FusedBatchNorm") for node in ops),
 }))
 """
 
@@ -71,6 +72,8 @@ def test_bfloat16_export_serves_float32_probabilities_within_1e2_of_float32(
     assert served["dtype"] == "bfloat16"
     assert served["probabilities_dtype"] == "float32"
     assert served["bfloat16_grouped_convs"] > 0, served
+    # Folded into the convolutions (kernel x scale, BiasAdd): see tf_ops.fold_into_conv.
+    assert served["batch_norms"] == 0, served
     expected = model.predict_on_batch(np.load(images_path))
     difference = np.max(np.abs(np.array(served["probabilities"]) - expected))
     assert 0 < difference < 1e-2, difference  # bfloat16 does differ, a little

@@ -4,11 +4,15 @@ inside the functions."""
 import contextlib
 import functools
 import threading
+import weakref
 
 from keras_resnext.kernels import avx2
 from keras_resnext.kernels.avx2 import choice as avx2_choice
 
 _scope = threading.local()
+# graph -> {name of a call op of `_behind_function_boundary`: the function}, so
+# `fold_into_conv` can call it again with another kernel.
+_boundary_calls = weakref.WeakKeyDictionary()
 _avx2_first_use = threading.Lock()
 # Channels per group the AVX2 op has kernels for.
 NATIVE_GROUP_WIDTHS = (4, 8, 16, 32)
@@ -83,7 +87,9 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
         conv = _grouped_conv2d_with_split_gradient
     if not (tf.executing_eagerly() or _grappler_fuses_grouped_convs_here() or _in_xla_context()):
         conv = _behind_function_boundary(conv, tuple(strides), padding, tuple(dilations))
-        return conv(inputs, kernel)
+        y = conv(inputs, kernel)
+        _boundary_calls.setdefault(y.graph, {})[y.op.name] = conv
+        return y
     return conv(inputs, kernel, strides, padding, dilations)
 
 
@@ -306,6 +312,79 @@ def fuse_into_conv(x, affine=None, relu=False):
         return None
     return _avx2_conv(op.inputs[0], op.inputs[1], op.get_attr("stride"),
                       op.get_attr("explicit_paddings"), scale, offset, relu=relu)
+
+
+def fold_into_conv(x, affine):
+    """At inference in half precision, fold a per-channel `x * scale + offset`
+    (`affine()` gives them, float32) into the TensorFlow convolution that made
+    x: the kernel times scale, then a `BiasAdd` of offset.
+
+    Grappler's remapper fuses a float32 Conv2D + FusedBatchNorm into one
+    oneDNN op but leaves bfloat16 ones apart ("not supported for bf16"), so
+    batch norm would be a pass of its own after every convolution. Conv2D +
+    BiasAdd (+ ReLU, + the residual Add) it fuses in bfloat16 too. None if x
+    isn't such a convolution's output, or its kernel is much larger than x.
+    """
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return None
+    conv = _conv_behind(x)
+    if conv is None:
+        return None
+    # IdentityN(y, inputs, kernel), Conv2D(inputs, kernel), call(inputs, kernel)
+    inputs, kernel = x.op.inputs[-2:]
+    outputs = x.shape.num_elements()
+    if outputs is not None and kernel.shape.num_elements() > 2 * outputs:
+        # Rescaling the kernel is a pass over it on every call. Where that
+        # outweighs a pass over the output (a small batch in the late stages)
+        # batch norm stays apart; with the batch unknown (exports) it folds.
+        return None
+    scale, offset = affine()
+    if kernel.op.type == "Cast" and kernel.op.inputs[0].dtype == tf.float32:
+        # The policy's cast of the float32 kernel: scale before rounding.
+        kernel = kernel.op.inputs[0]
+    kernel = tf.cast(tf.cast(kernel, tf.float32) * scale, inputs.dtype)
+    strides, dilations = conv.get_attr("strides"), conv.get_attr("dilations")
+    padding = conv.get_attr("padding").decode()
+    if x.op.type == "Conv2D":
+        y = tf.raw_ops.Conv2D(input=inputs, filter=kernel, strides=strides, padding=padding,
+                              explicit_paddings=conv.get_attr("explicit_paddings"),
+                              data_format="NHWC", dilations=dilations)
+    elif x.op.type == "IdentityN":
+        y = _grouped_conv2d_with_split_gradient(inputs, kernel, strides[1:3], padding,
+                                                dilations[1:3])
+    else:
+        y = _boundary_calls[x.graph][x.op.name](inputs, kernel)
+    return tf.nn.bias_add(y, tf.cast(offset, y.dtype))
+
+
+def _conv_behind(x):
+    """The NHWC Conv2D op whose output x is: bare, under our split gradient or
+    behind our function boundary, with the same inputs as x.op; else None."""
+    op = getattr(x, "op", None)
+    if op is None or x.value_index != 0:
+        return None
+    if op.type == "IdentityN" and len(op.inputs) == 3:
+        # tf.custom_gradient's IdentityN(y, x, kernel) around y = Conv2D(x, kernel).
+        conv = op.inputs[0].op
+        if conv.type != "Conv2D" or list(conv.inputs) != list(op.inputs[1:]):
+            return None
+    elif op.name in _boundary_calls.get(op.graph, {}):
+        conv = _boundary_calls[op.graph][op.name]
+        conv = _only_conv2d(conv.get_concrete_function(*op.inputs).graph)
+    else:
+        conv = op
+    if conv is None or conv.type != "Conv2D" or conv.get_attr("data_format") != b"NHWC":
+        return None
+    if conv.get_attr("padding") == b"EXPLICIT" and op is not conv:
+        return None
+    return conv
+
+
+def _only_conv2d(graph):
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    return convs[0] if len(convs) == 1 else None
 
 
 def avx2_op_gradient(op, dy):
