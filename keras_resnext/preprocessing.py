@@ -29,7 +29,7 @@ def preprocess_input(x, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB):
     # (x - mean) / std as one multiply-add: a broadcast divide is slow in tf.data.
     scale, shift = ops.cast((1.0 / std).astype("float32"), x.dtype), ops.cast(
         (-mean / std).astype("float32"), x.dtype)
-    if None not in tuple(x.shape):
+    if _fully_known(x.shape):
         # TensorFlow's broadcast of a per-channel vector inside an arithmetic op
         # is several times slower than broadcast_to and then an op of equal
         # shapes (issue 14); a symbolic shape keeps the plain broadcast.
@@ -44,6 +44,11 @@ def outputs_probabilities(model):
         last = model.layers[-1]
         activation = getattr(getattr(last, "activation", None), "__name__", None)
     return activation == "softmax"
+
+
+def _fully_known(shape):
+    # A TensorShape of unknown rank (tf.io.decode_image's) can't be iterated.
+    return getattr(shape, "rank", 0) is not None and None not in tuple(shape)
 
 
 def _is_floating(x):

@@ -101,3 +101,12 @@ def test_preprocess_input_of_concrete_and_symbolic_shapes():
     inputs = keras.Input((None, None, 3))
     model = keras.Model(inputs, keras_resnext.preprocess_input(inputs))
     np.testing.assert_allclose(model(pixels), expected, atol=1e-5)
+
+
+def test_preprocess_input_of_a_decoded_image_of_unknown_rank():
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype="uint8")
+    encoded = tf.io.encode_png(pixels).numpy()
+    # decode_image (GIFs allowed) gives a tensor of unknown rank.
+    dataset = tf.data.Dataset.from_tensors(encoded).map(
+        lambda png: keras_resnext.preprocess_input(tf.io.decode_image(png, channels=3)))
+    np.testing.assert_allclose(next(iter(dataset)), (pixels - MEAN_RGB) / STD_RGB, atol=1e-5)
