@@ -159,3 +159,34 @@ def test_each_shape_is_timed_once_for_all_processes(tmp_path, monkeypatch, pytho
     expected = sorted(int(key.split()[0]) for key, use_op in decisions.items() if use_op)
     assert len(decisions) == 3 and op_group_widths(tiny_model()) == expected
     assert timings.timed == []
+
+
+def trace_grouped_conv(input_spec, padding):
+    kernel = tf.zeros([3, 3, 4, 32])
+
+    @tf.function(input_signature=[input_spec])  # AutoGraph on, as users' are
+    def conv(x):
+        with tf_ops.native_kernels():
+            return tf_ops.grouped_conv2d(x, kernel, [1, 1], padding, [1, 1])
+
+    return conv.get_concrete_function().graph
+
+
+def test_a_same_conv_of_unknown_size_the_op_cannot_pad_is_not_timed(cache, monkeypatch):
+    timings = fake_timings(monkeypatch, {4: (1, 3)})
+    graph = trace_grouped_conv(tf.TensorSpec([None, None, None, 32]), "same")
+    assert not any(op.type == avx2.OP_NAME for op in graph.get_operations())
+    assert timings.timed == [] and not cache.exists()
+
+
+def test_timing_inside_a_users_tf_function_is_not_autograph_converted(cache, monkeypatch):
+    from tensorflow.python.autograph.core import ag_ctx
+
+    timings = fake_timings(monkeypatch, {4: (1, 3)})
+    statuses = []
+    timed_calls = timings.calls
+    monkeypatch.setattr(tf_ops, "_timed_grouped_convs", lambda *shape: (
+        statuses.append(ag_ctx.control_status_ctx().status), timed_calls(*shape))[1])
+    graph = trace_grouped_conv(tf.TensorSpec([2, 8, 8, 32]), "same")
+    assert any(op.type == avx2.OP_NAME for op in graph.get_operations())
+    assert statuses == [ag_ctx.Status.DISABLED]

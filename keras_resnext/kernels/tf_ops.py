@@ -73,11 +73,11 @@ def grouped_conv2d(inputs, kernel, strides, padding, dilation_rate):
     strides = list(strides)
     dilations = list(dilation_rate)
     kernel = tf.convert_to_tensor(kernel)
-    if _avx2_op_applies(inputs, kernel, strides, dilations):
-        x, pads = _strip_zero_padding(inputs)
-        pads = _add_same_padding(pads, x, strides[0]) if padding == "SAME" else pads
-        if pads is not None:
-            return _avx2_conv(x, kernel, strides[0], pads)
+    x, pads = _strip_zero_padding(inputs)
+    pads = _add_same_padding(pads, x, strides[0]) if padding == "SAME" else pads
+    # Padding first: a shape the op can't pad for is never timed.
+    if pads is not None and _avx2_op_applies(inputs, kernel, strides, dilations):
+        return _avx2_conv(x, kernel, strides[0], pads)
     native_gradient = native_grouped_gradient_available(tf.as_dtype(inputs.dtype).name)
     if dilations != [1, 1] and not native_gradient:
         return _dilated_as_space_to_batch(inputs, kernel, strides, padding, dilations)
@@ -213,7 +213,8 @@ def _avx2_op_applies(x, kernel, strides, dilations):
     # A size unknown at trace time is timed at a middle stage's.
     height, width = (28 if size is None else size for size in x.shape[1:3])
     with tf.init_scope():  # times eagerly, outside the graph being traced
-        return avx2_choice.op_wins(
+        # Not AutoGraph's to convert (a user's tf.function would warn about json, os).
+        return tf.autograph.experimental.do_not_convert(avx2_choice.op_wins)(
             group_width, strides[0], height, width, channels, _onednn_enabled(),
             lambda batch: _timed_grouped_convs(batch, height, width, channels, group_width,
                                                strides[0]))
