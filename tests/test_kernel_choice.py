@@ -190,3 +190,14 @@ def test_timing_inside_a_users_tf_function_is_not_autograph_converted(cache, mon
     graph = trace_grouped_conv(tf.TensorSpec([2, 8, 8, 32]), "same")
     assert any(op.type == avx2.OP_NAME for op in graph.get_operations())
     assert statuses == [ag_ctx.Status.DISABLED]
+
+
+def test_the_switch_takes_any_case_and_spaces_and_warns_of_unknown_values(monkeypatch):
+    monkeypatch.setattr(avx2, "_unknown_switches", set(), raising=False)
+    for value, enabled, always in ((" ALWAYS ", True, True), (" 1 ", True, False),
+                                   ("True", True, False), ("OFF", False, False)):
+        monkeypatch.setenv(avx2.SWITCH, value)
+        assert (avx2.enabled(), avx2.always()) == (enabled, always), value
+    monkeypatch.setenv(avx2.SWITCH, "never")
+    with pytest.warns(RuntimeWarning, match="KERAS_RESNEXT_NATIVE_KERNELS='never' is none of"):
+        assert (avx2.enabled(), avx2.always()) == (True, False)

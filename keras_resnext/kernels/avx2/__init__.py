@@ -39,12 +39,24 @@ class BuildError(RuntimeError):
     pass
 
 
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on", ALWAYS)
+_unknown_switches = set()
+
+
 def _switch():
-    return os.environ.get(SWITCH, "1").strip().lower()
+    value = os.environ.get(SWITCH, "1").strip().lower()
+    if value not in _OFF + _ON:
+        if value not in _unknown_switches:
+            _unknown_switches.add(value)
+            warnings.warn(f"keras_resnext: {SWITCH}={os.environ[SWITCH]!r} is none of 0, 1, "
+                          f"{ALWAYS}; taken as 1.", RuntimeWarning, stacklevel=3)
+        return "1"
+    return value
 
 
 def enabled():
-    return _switch() not in ("0", "false", "no", "off")
+    return _switch() not in _OFF
 
 
 def always():
