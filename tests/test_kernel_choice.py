@@ -71,8 +71,8 @@ def op_group_widths(model):
                    if op.type == avx2.OP_NAME})
 
 
-def kept_decisions():
-    path = choice.decisions_path(tf_ops._onednn_enabled())
+def kept_decisions(onednn=None):
+    path = choice.decisions_path(tf_ops._onednn_enabled() if onednn is None else onednn)
     return {key: record["use_op"] for key, record in choice.read_decisions(path).items()}
 
 
@@ -201,3 +201,17 @@ def test_the_switch_takes_any_case_and_spaces_and_warns_of_unknown_values(monkey
     monkeypatch.setenv(avx2.SWITCH, "never")
     with pytest.warns(RuntimeWarning, match="KERAS_RESNEXT_NATIVE_KERNELS='never' is none of"):
         assert (avx2.enabled(), avx2.always()) == (True, False)
+
+
+def test_a_cache_folder_that_cannot_be_locked_still_decides(cache, monkeypatch):
+    import errno
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(choice.fcntl, "flock", no_locks)
+    timings = fake_timings(monkeypatch, {4: (1, 3)})
+    with pytest.warns(RuntimeWarning, match=r"can't lock .*\.lock \(\[Errno 37\]"):
+        assert choice.op_wins(4, 1, 8, 8, 32, False, lambda batch: timings.calls(
+            batch, 8, 8, 32, 4, 1))
+    assert list(kept_decisions(onednn=False).values()) == [True]

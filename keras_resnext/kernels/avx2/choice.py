@@ -154,7 +154,12 @@ def _file_lock(path):
         yield
         return
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # ENOLCK: an NFS mount without a lock daemon
+            warnings.warn(f"keras_resnext: can't lock {path}.lock ({error}); processes "
+                          f"meeting a new shape at once may each time it.",
+                          RuntimeWarning, stacklevel=4)
         yield
     finally:
         os.close(handle)
