@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,36 @@ from keras_resnext.kernels import avx2
 os.environ.setdefault(avx2.SWITCH, avx2.ALWAYS)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pretrained_like_batch_norms(model, affine=True):
+    """Gives each `kr.layers.BatchNormalization` moving statistics (and, with
+    `affine`, gamma and beta) away from their initial values, as a trained
+    model's are, so that each batch norm does something; seeded. Returns model."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras_resnext.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+            if affine:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+                layer.beta.assign(rng.normal(0, 0.2, layer.beta.shape))
+    return model
+
+
+@contextlib.contextmanager
+def dtype_policy(policy):
+    """Keras' global dtype policy set to `policy` inside the block only."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def run_python(code, env=None, timeout=600, args=()):

@@ -7,33 +7,21 @@ within bfloat16's precision."""
 import collections
 import glob
 
-import keras
 import numpy as np
 import pytest
 
 import keras_resnext as kr
+from conftest import dtype_policy, pretrained_like_batch_norms
 
 tf = pytest.importorskip("tensorflow")
 from keras_resnext.kernels import tf_ops  # noqa: E402  (needs TensorFlow)
 
 
 def _model(policy="float32"):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
+    with dtype_policy(policy):
         model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3,
                              input_shape=(16, 16, 3))
-    finally:
-        keras.config.set_dtype_policy(previous)
-    # Pretrained-like moving statistics, so each batch norm does something.
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, kr.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
-            layer.beta.assign(rng.normal(0, 0.2, layer.beta.shape))
-    return model
+    return pretrained_like_batch_norms(model)
 
 
 def _images(count=4):

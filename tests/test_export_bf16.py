@@ -4,11 +4,11 @@ with oneDNN on and off (TensorFlow's own grouped convolution takes bfloat16
 either way; the AVX2 op is float32 only)."""
 
 
-import keras
 import numpy as np
 import pytest
 
 import keras_resnext as kr
+from conftest import dtype_policy, pretrained_like_batch_norms
 from test_portable_graphs import _result
 
 tf = pytest.importorskip("tensorflow")
@@ -40,12 +40,7 @@ print("RESULT", json.dumps({
 
 def _model():
     model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3, input_shape=(16, 16, 3))
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, kr.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
-    return model
+    return pretrained_like_batch_norms(model, affine=False)
 
 
 @pytest.fixture
@@ -82,12 +77,8 @@ def test_bfloat16_export_serves_float32_probabilities_within_1e2_of_float32(
 def test_a_mixed_bfloat16_model_exports_bfloat16_and_float32_stays_the_default(
         python_subprocess, tmp_path, images_path):
     float32_model = _model()
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
+    with dtype_policy("mixed_bfloat16"):
         mixed_model = _model()
-    finally:
-        keras.config.set_dtype_policy(previous)
     mixed_model.set_weights(float32_model.get_weights())
     assert export.serving_dtype(mixed_model) == "bfloat16"
     assert export.serving_dtype(float32_model) == "float32"

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_resnext as kr
+from conftest import dtype_policy
 from keras_resnext.kernels import tf_ops
 
 
@@ -103,13 +104,9 @@ def test_matches_block_diagonal_dense_conv(case, path):
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_half_precision_trains_on_cpu(policy):
     # oneDNN has no half-precision grouped backward: the split gradient covers it.
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(policy)
-    try:
+    with dtype_policy(policy):
         model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=3,
                              input_shape=(16, 16, 3))
-    finally:
-        keras.config.set_dtype_policy(previous)
     model.compile(optimizer=keras.optimizers.SGD(0.05),
                   loss="sparse_categorical_crossentropy")
     x = np.random.default_rng(0).uniform(0, 1, (6, 16, 16, 3)).astype("float32")

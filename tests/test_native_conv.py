@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import keras_resnext as kr
+from conftest import pretrained_like_batch_norms
 from keras_resnext.kernels import avx2, tf_ops
 
 # Skip only where the op can't be built; where it can, a failed build fails
@@ -116,14 +117,7 @@ def small_model():
     # test_training_gradients_match_tensorflows_kernel) stay the same.
     keras.utils.set_random_seed(0)
     model = kr.ResNeXt29(depth=11, cardinality=4, width=4, classes=5, input_shape=(16, 16, 3))
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, kr.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
-            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
-            layer.beta.assign(rng.normal(0, 0.2, layer.beta.shape))
-    return model
+    return pretrained_like_batch_norms(model)
 
 
 def op_relu_flags(concrete_function):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import keras_resnext as kr
+from conftest import pretrained_like_batch_norms
 from keras_resnext.kernels import avx2
 
 tf = pytest.importorskip("tensorflow")
@@ -113,12 +114,7 @@ def _model():
     # with it on, both kinds of grouped convolution meet grappler.
     model = kr.ResNeXt29(depth=11, cardinality=4, width=2, classes=3,
                          input_shape=(16, 16, 3))
-    rng = np.random.default_rng(0)
-    for layer in model.layers:
-        if isinstance(layer, kr.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.2, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
-    return model
+    return pretrained_like_batch_norms(model, affine=False)
 
 
 def _png_bytes(count, size=16):
