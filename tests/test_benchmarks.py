@@ -16,15 +16,21 @@ CARDINALITY_COST = "inference: cost of cardinality (ResNeXt-50 / ResNet-50 time)
 PRINTED = 0.0051  # the log shows figures to 2 decimals
 
 
-def test_models_benchmark_reports_paired_ratios(tmp_path):
-    result_path = tmp_path / "run.json"
-    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "models.py"),
-               "--modes", "inference", "--batch_size", "2", "--image_size", "32",
-               "--repeats", "3", "--steps", "1", "--warmup", "1", "--settle", "0",
-               "--torch_python", os.path.join(str(tmp_path), "no-such-python"),
-               "--json", str(result_path)]
+def run_benchmark(script, *args):
+    """Runs benchmarks/`script` with `args` to its end; its CompletedProcess."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", script), *args]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+def test_models_benchmark_reports_paired_ratios(tmp_path):
+    result_path = tmp_path / "run.json"
+    run = run_benchmark("models.py", "--modes", "inference", "--batch_size", "2",
+                        "--image_size", "32", "--repeats", "3", "--steps", "1", "--warmup", "1",
+                        "--settle", "0",
+                        "--torch_python", os.path.join(str(tmp_path), "no-such-python"),
+                        "--json", str(result_path))
     saved = json.loads(result_path.read_text())
     # Without torchvision only our two models are measured, and only their ratio reported.
     assert sorted(saved["results"]) == ["ours|resnet50|inference",
@@ -96,14 +102,11 @@ def test_results_keep_one_file_per_cpu_and_one_entry_per_configuration(models_be
 @pytest.mark.slow
 def test_batch_size_1_reports_latency_percentiles_and_the_served_model(tmp_path):
     result_path = tmp_path / "run.json"
-    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "models.py"),
-               "--modes", "inference", "--models", "resnext50_32x4d", "--batch_size", "1",
-               "--image_size", "32", "--repeats", "2", "--steps", "1", "--latency_calls", "4",
-               "--warmup", "1", "--settle", "0",
-               "--torch_python", os.path.join(str(tmp_path), "no-such-python"),
-               "--json", str(result_path)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_benchmark("models.py", "--modes", "inference", "--models", "resnext50_32x4d",
+                        "--batch_size", "1", "--image_size", "32", "--repeats", "2",
+                        "--steps", "1", "--latency_calls", "4", "--warmup", "1", "--settle", "0",
+                        "--torch_python", os.path.join(str(tmp_path), "no-such-python"),
+                        "--json", str(result_path))
     saved = json.loads(result_path.read_text())
     assert sorted(saved["results"]) == ["ours_served|resnext50_32x4d|inference",
                                         "ours|resnext50_32x4d|inference"]
@@ -122,11 +125,9 @@ def test_batch_size_1_reports_latency_percentiles_and_the_served_model(tmp_path)
 
 @pytest.mark.slow
 def test_serving_benchmark_pairs_each_served_model_with_predict_under_its_onednn(tmp_path):
-    command = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "serving.py"),
-               "--image_size", "32", "--batch_size", "2", "--repeats", "2", "--steps", "1",
-               "--warmup", "1", "--settle", "0", "--results_dir", str(tmp_path)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = run_benchmark("serving.py", "--image_size", "32", "--batch_size", "2", "--repeats", "2",
+                        "--steps", "1", "--warmup", "1", "--settle", "0",
+                        "--results_dir", str(tmp_path))
     assert run.stdout.startswith("CPU: ")
     (path,) = tmp_path.iterdir()
     assert path.name.startswith("serving_")
