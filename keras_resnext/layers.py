@@ -100,14 +100,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self.moving_variance * momentum + batch_variance * (1.0 - momentum))
 
     def _inference_affine(self):
-        import tensorflow as tf
-
-        inverse_std = tf.math.rsqrt(tf.convert_to_tensor(self.moving_variance) + self.epsilon)
-        scale = inverse_std * self.gamma if self.scale else inverse_std
-        offset = -tf.convert_to_tensor(self.moving_mean) * scale
-        if self.center:
-            offset += self.beta
-        return scale, offset
+        return tf_ops.inference_affine(self.moving_mean, self.moving_variance, self.epsilon,
+                                       self.gamma if self.scale else None,
+                                       self.beta if self.center else None)
 
 
 @keras.saving.register_keras_serializable(package="keras_resnext")

@@ -237,8 +237,7 @@ def _timed_grouped_convs(batch, height, width, channels, group_width, stride):
     scale, offset, mean = (random([channels]) for _ in range(3))
     variance = tf.abs(random([channels])) + 0.5
     pads = _add_same_padding([0, 0, 0, 0], x, stride)
-    folded_scale = scale * tf.math.rsqrt(variance + 1e-5)
-    folded_offset = offset - mean * folded_scale
+    folded_scale, folded_offset = inference_affine(mean, variance, 1e-5, scale, offset)
 
     @tf.function(autograph=False)
     def tensorflows(x):
@@ -313,6 +312,19 @@ def fuse_into_conv(x, affine=None, relu=False):
         return None
     return _avx2_conv(op.inputs[0], op.inputs[1], op.get_attr("stride"),
                       op.get_attr("explicit_paddings"), scale, offset, relu=relu)
+
+
+def inference_affine(mean, variance, epsilon, gamma=None, beta=None):
+    """Inference batch norm as `x * scale + offset`: (scale, offset)."""
+    import tensorflow as tf
+
+    scale = tf.math.rsqrt(tf.convert_to_tensor(variance) + epsilon)
+    if gamma is not None:
+        scale *= gamma
+    offset = -tf.convert_to_tensor(mean) * scale
+    if beta is not None:
+        offset += beta
+    return scale, offset
 
 
 def fold_into_conv(x, affine):
