@@ -49,9 +49,9 @@ import numpy as np
 
 if not __package__:  # run as `python benchmarks/pipeline.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from machine import cpu_description, cpu_file_name, print_cpu
+    from machine import keep_per_cpu, print_cpu
 else:
-    from benchmarks.machine import cpu_description, cpu_file_name, print_cpu
+    from benchmarks.machine import keep_per_cpu, print_cpu
 
 GENERATED_IMAGE_SIZE = (500, 375)  # width, height: a typical ImageNet photo.
 GENERATED_CLASSES = 10
@@ -471,22 +471,12 @@ def save_results(args, mode, medians):
     replacing that mode's earlier run on this CPU."""
     if not args.results_dir:
         return
-    path = os.path.join(args.results_dir, f"pipeline_{cpu_file_name()}.json")
-    runs = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            runs = json.load(f)
-    runs[mode] = dict(
-        cpu=cpu_description(), cores=os.cpu_count(),
-        date=time.strftime("%Y-%m-%d", time.gmtime()),
-        command="python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
+    path = keep_per_cpu(args.results_dir, "pipeline", mode, dict(
+        cores=os.cpu_count(),
         # Other work on the machine shows here; a loaded run's images/s mean less.
         load_average_at_end=os.getloadavg()[0],
         medians=medians,
-    )
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(runs, f, indent=1)
+    ))
     print(f"results: {path}")
 
 
