@@ -114,7 +114,8 @@ def _load_op():
             stacklevel=3,
         )
         return None
-    _library_digest = _sha256(path)
+    # build() has just checked the library against this checksum (or written it).
+    _library_digest = _read(f"{path}.sha256")
     return library.keras_resnext_grouped_conv2d
 
 
