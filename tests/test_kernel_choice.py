@@ -15,9 +15,9 @@ import tensorflow as tf
 import keras_resnext as kr
 from keras_resnext.kernels import avx2, tf_ops
 from keras_resnext.kernels.avx2 import choice
-from test_native_cache import BUILDABLE, fake_compiler
+from test_native_cache import BUILDABLE, NEEDS_THE_OP, fake_compiler
 
-pytestmark = pytest.mark.skipif(not BUILDABLE, reason="no AVX2 CPU or no C++ compiler here")
+pytestmark = NEEDS_THE_OP
 if BUILDABLE:
     tf_ops.avx2_op()  # loads the library whose SHA-256 names the decisions file
 IMAGES = np.zeros([2, 16, 16, 3], "float32")

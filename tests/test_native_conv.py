@@ -2,8 +2,6 @@
 against TensorFlow's grouped kernel, its inference fusions, where models use
 it, and the fallback when it can't be built."""
 
-import os
-import shutil
 import textwrap
 
 import keras
@@ -13,14 +11,11 @@ import tensorflow as tf
 
 import keras_resnext as kr
 from conftest import pretrained_like_batch_norms
+from test_native_cache import BUILDABLE, NEEDS_THE_OP
 from keras_resnext.kernels import avx2, tf_ops
 
-# Skip only where the op can't be built; where it can, a failed build fails
-# test_builds_where_it_can instead of skipping everything quietly.
-BUILDABLE = (avx2.enabled() and avx2.cpu_supported()
-             and shutil.which(os.environ.get("CXX", "c++")) is not None)
 OP = tf_ops.avx2_op() if BUILDABLE else None
-pytestmark = pytest.mark.skipif(not BUILDABLE, reason="no AVX2 CPU or no C++ compiler here")
+pytestmark = NEEDS_THE_OP
 EMPTY = tf.zeros([0])
 
 
